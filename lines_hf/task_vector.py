@@ -1,0 +1,98 @@
+"""Per-tensor task-vector math: ``base + scale * (finetuned - base)``.
+
+Computed in float32 (float64 when an input is float64) and cast once to the
+output dtype. Scales of exactly 0 and 1 return the base and fine-tuned values
+unchanged, so those identities hold bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import NonFiniteError
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Return the torch dtype called ``name`` (``bfloat16``, ``int64`` ...)."""
+    dtype = _DTYPES.get(name) or getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype name {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Return the short name of a torch dtype (``torch.bfloat16`` -> ``bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """Return ``finetuned - base`` in the compute dtype."""
+    dtype = compute_dtype(base.dtype, finetuned.dtype)
+    return finetuned.to(dtype) - base.to(dtype)
+
+
+def check_finite(delta: torch.Tensor, name: str) -> None:
+    """Raise ``NonFiniteError`` naming ``name`` if ``delta`` has NaN or infinite entries."""
+    if not bool(torch.isfinite(delta).all()):
+        bad = int((~torch.isfinite(delta)).sum())
+        raise NonFiniteError(
+            f"the task vector of tensor {name!r} has {bad} NaN or infinite value(s). Check both checkpoints; "
+            "to edit anyway, pass allow_non_finite=True (--allow-non-finite)."
+        )
+
+
+def apply_scale(
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    *,
+    name: str = "<tensor>",
+    allow_non_finite: bool = False,
+) -> torch.Tensor:
+    """Return ``base + scale * (finetuned - base)`` in ``out_dtype``.
+
+    Works on whole tensors or on matching flat chunks of them. A scale of
+    exactly 0 returns ``base`` and exactly 1 returns ``finetuned``, converted to
+    ``out_dtype`` only if their dtype differs.
+
+    Raises:
+        NonFiniteError: if the task vector has NaN or infinite entries and
+            ``allow_non_finite`` is false.
+    """
+    dtype = compute_dtype(base.dtype, finetuned.dtype)
+    delta = finetuned.to(dtype)
+    base_wide = base.to(dtype)
+    delta = delta - base_wide if delta.data_ptr() == finetuned.data_ptr() else delta.sub_(base_wide)
+    if not allow_non_finite:
+        check_finite(delta, name)
+
+    if scale == 0.0:
+        return base.to(out_dtype)
+    if scale == 1.0:
+        return finetuned.to(out_dtype)
+
+    edited = delta.mul_(scale).add_(base_wide)
+    return edited.to(out_dtype)
+
+
+def scale_delta(delta: torch.Tensor, base: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Return ``base + scale * delta`` in ``out_dtype``; used for merged task vectors.
+
+    A scale of exactly 0 returns ``base`` unchanged.
+    """
+    if scale == 0.0:
+        return base.to(out_dtype)
+    dtype = compute_dtype(base.dtype, delta.dtype)
+    return (delta.to(dtype) * scale + base.to(dtype)).to(out_dtype)
