@@ -486,9 +486,19 @@ def _scale_section(config: LiNeSConfig, record: Mapping[str, Any], plot_name: st
         ("excluded", "tensor(s) matched an exclude pattern and kept their fine-tuned values"),
         ("copied_from_finetuned_not_in_base", "tensor(s) absent from the pre-trained model were copied unchanged"),
         ("dropped_base_only", "tensor(s) of the pre-trained model absent from the fine-tune were dropped"),
+        (
+            "new_vocab_rows",
+            "tensor(s) have more rows than in the pre-trained model (resize_token_embeddings); the shared rows "
+            "were edited and the new rows copied unchanged from the fine-tune (`new_vocab_rows: finetuned`)",
+        ),
+        (
+            "tied_in_base",
+            "tensor(s) are tied to another tensor in the pre-trained model, and their task vectors were taken "
+            "against that tensor",
+        ),
     )
     for key, text in notes:
-        names = record.get(key) or []
+        names = list(record.get(key) or [])
         if names:
             shown = ", ".join(f"`{name}`" for name in names[:10])
             more = f" and {len(names) - 10} more" if len(names) > 10 else ""

@@ -10,9 +10,11 @@ place only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -27,9 +29,16 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, OutputPathError, UnsafeCheckpointError
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    LiNeSError,
+    OutputPathError,
+    OutputWriteError,
+    UnsafeCheckpointError,
+)
 from .plan import TensorSpec
-from .task_vector import torch_dtype
+from .task_vector import Workspace, torch_dtype
 
 LOG = logging.getLogger(__name__)
 
@@ -166,7 +175,61 @@ def check_remote_code(config: Mapping[str, Any] | None, folder: str | os.PathLik
         )
 
 
+def tied_weights(config: Mapping[str, Any] | None, stored: set[str] | frozenset[str]) -> dict[str, str]:
+    """Return the tensors a checkpoint ties to another one instead of storing, mapped to the stored one.
+
+    The ties are those that the transformers class named in ``config["architectures"]``
+    declares in ``_tied_weights_keys`` (for example ``lm_head.weight`` ->
+    ``model.embed_tokens.weight``). Only ties whose target is missing from
+    ``stored`` and whose source is in it count, and none when the config sets
+    ``tie_word_embeddings`` to false. No remote code is imported.
+    """
+    if not config or config.get("tie_word_embeddings", True) is False:
+        return {}
+    import transformers
+
+    ties: dict[str, str] = {}
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, str(name), None) if isinstance(name, str) else None
+        declared = getattr(cls, "_tied_weights_keys", None)
+        # NOTE: transformers < 5 declares ties as a list of target names only; those are not mapped here.
+        if isinstance(declared, Mapping):
+            ties.update({str(target): str(source) for target, source in declared.items()})
+    return {target: source for target, source in ties.items() if target not in stored and source in stored}
+
+
 # --------------------------------------------------------------------------- reading
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys silently, so a header could
+    # describe one tensor twice and readers would disagree on which is meant.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _load_json(raw: bytes | str, what: str) -> Any:
+    """Parse untrusted JSON text, turning every parser failure into ``CorruptCheckpointError``.
+
+    ``what`` starts the message, for example ``"/x/model.safetensors has a header that"``.
+    Besides syntax errors this catches duplicate keys, integers longer than
+    Python's digit limit (``ValueError``) and nesting deep enough to exhaust the
+    parser's recursion limit (``RecursionError``).
+    """
+    try:
+        return json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what} is nested too deeply to be valid JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{what} is not valid JSON: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -188,10 +251,7 @@ def _parse_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
                 f"{path} is corrupt: its header claims {header_len} bytes but the file has {size} bytes"
             )
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path} has a header that is not valid JSON: {exc}") from None
+    header = _load_json(raw, f"{path} has a header that")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path} has a header that is not a JSON object")
 
@@ -242,6 +302,40 @@ def _parse_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
+def load_pickle_safely(file: Path) -> Any:
+    """Return the object pickled in ``file``, loaded with ``torch.load(weights_only=True)``.
+
+    Raises:
+        UnsafeCheckpointError: if the pickle refers to anything but tensors and
+            plain containers, which is how code execution would be smuggled in.
+        CorruptCheckpointError: if the file is truncated or not a torch pickle.
+    """
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files in the legacy (non-zip) format cannot be memory-mapped.
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is several paragraphs; the line naming the rejected global or opcode is the useful one.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+        if "GLOBAL" not in detail:
+            raise CorruptCheckpointError(
+                f"{file} is not a valid torch checkpoint, or uses pickle features that loading with "
+                f"weights_only=True does not accept ({detail})"
+            ) from None
+        raise UnsafeCheckpointError(
+            f"{file} could not be loaded safely with weights_only=True: it refers to objects other than tensors, "
+            f"which could run code when unpickled ({detail}). Convert it to safetensors in a sandbox you "
+            "trust, or use another checkpoint."
+        ) from None
+    except Exception as exc:  # torch.load raises RuntimeError, KeyError, EOFError ... on broken files
+        raise CorruptCheckpointError(
+            f"{file} is not a valid torch checkpoint ({type(exc).__name__}: {exc}); it may be truncated"
+        ) from None
+
+
 def _read_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(buffer):
@@ -266,6 +360,15 @@ class TensorSource:
     def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
         """Return elements ``start .. start+count`` of the flattened tensor ``name``."""
         return self.read(name).reshape(-1)[start : start + count]
+
+    def read_flat_into(self, name: str, start: int, count: int, workspace: Workspace, index: int) -> torch.Tensor:
+        """Return the same elements as ``read_flat``, possibly in buffer ``index`` of ``workspace``.
+
+        The result may be a view of that buffer, valid only until the buffer is
+        requested again. Sources that read from files override this to skip an
+        allocation per chunk; the default is ``read_flat``.
+        """
+        return self.read_flat(name, start, count)
 
     def close(self) -> None:
         pass
@@ -330,6 +433,19 @@ class FolderSource(TensorSource):
                             f"in {self.folder}"
                         )
                     self._entries[name] = entry
+            self._check_index_names()
+
+    def _check_index_names(self) -> None:
+        # An index that lists a tensor its shard lacks describes another
+        # checkpoint, or a download that stopped half way.
+        index_map = getattr(self, "_index_map", None) or {}
+        for name, shard in index_map.items():
+            entry = self._entries.get(name)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"the index of {self.folder} names tensor {name!r} in shard {shard!r}, but no shard contains it: "
+                    "the checkpoint is incomplete or its index belongs to another checkpoint. Download it again."
+                )
 
     def _inside(self, name: str) -> Path:
         # Shard names come from an index file that may be hostile: only plain
@@ -373,16 +489,27 @@ class FolderSource(TensorSource):
             f"no model weights in {folder}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"
         )
 
-    def _from_index(self, index_path: Path) -> list[Path]:
-        if not index_path.is_file():
-            raise CheckpointNotFoundError(f"{index_path} does not exist")
+    def _read_index(self, index_path: Path) -> tuple[dict[str, str], list[Path]]:
+        """Return the ``weight_map`` of an index file and the shard paths it names, each once.
+
+        Raises:
+            CorruptCheckpointError: if the file is not JSON, has no ``weight_map``
+                object, maps a tensor to anything but a file name, or names a
+                shard outside the folder or one that does not exist.
+        """
         try:
-            with open(index_path, encoding="utf-8") as handle:
-                index = json.load(handle)
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise CorruptCheckpointError(f"{index_path} is not a valid index: it needs a weight_map object") from None
+            raw = index_path.read_bytes()
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{index_path} could not be read: {exc}") from None
+        index = _load_json(raw, f"the index {index_path}")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"{index_path} is not a valid index: it needs a weight_map object")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CorruptCheckpointError(
+                    f"{index_path} maps tensor {name!r} to {shard!r}, which is not a shard file name"
+                )
 
         files = []
         for shard in dict.fromkeys(weight_map.values()):
@@ -390,23 +517,22 @@ class FolderSource(TensorSource):
             if not path.is_file():
                 raise CorruptCheckpointError(f"{index_path} names shard {shard!r}, which does not exist")
             files.append(path)
-        self._index_map = {str(k): str(v) for k, v in weight_map.items()}
+        return weight_map, files
+
+    def _from_index(self, index_path: Path) -> list[Path]:
+        if not index_path.is_file():
+            raise CheckpointNotFoundError(f"{index_path} does not exist")
+        self._index_map, files = self._read_index(index_path)
         return files
 
     def _load_pickles(self, candidates: list[Path]) -> None:
         index, single = candidates
         files = [single]
         if index.is_file():
-            with open(index, encoding="utf-8") as handle:
-                files = [self._inside(s) for s in dict.fromkeys(json.load(handle)["weight_map"].values())]
+            _, files = self._read_index(index)
         tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                loaded = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises UnpicklingError for rejected globals
-                raise UnsafeCheckpointError(f"{file} could not be loaded safely with weights_only=True: {exc}") from None
+            loaded = load_pickle_safely(file)
             if not isinstance(loaded, dict):
                 raise CorruptCheckpointError(f"{file} does not hold a state dict")
             tensors.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
@@ -444,6 +570,18 @@ class FolderSource(TensorSource):
             _read_exact(self._fd(entry.path), memoryview(buffer.numpy()), entry.begin + start * itemsize, entry.path)
         return buffer.view(dtype)
 
+    def read_flat_into(self, name: str, start: int, count: int, workspace: Workspace, index: int) -> torch.Tensor:
+        if self._pickled is not None:
+            return self.read_flat(name, start, count)
+        entry = self._entries[name]
+        dtype = torch_dtype(entry.spec.dtype)
+        itemsize = dtype.itemsize
+        count = max(0, min(count, entry.spec.numel - start))
+        buffer = workspace.buffer(index, count * itemsize, torch.uint8)
+        if count:
+            _read_exact(self._fd(entry.path), memoryview(buffer.numpy()), entry.begin + start * itemsize, entry.path)
+        return buffer.view(dtype)
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -465,6 +603,34 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_shard_size(value: int | str) -> int:
+    """Return a maximum shard size in bytes from an int or a string such as ``"5GB"`` or ``"500MB"``.
+
+    Units are decimal, as in huggingface_hub (``1GB`` is 10**9 bytes).
+
+    Raises:
+        ConfigError: if the value is not a positive size.
+    """
+    from .errors import ConfigError
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (
+        match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", value, flags=re.IGNORECASE)
+    ):
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+    else:
+        size = 0
+    if size <= 0:
+        raise ConfigError(
+            f"max_shard_size must be a positive number of bytes or a size such as '5GB' or '500MB', got {value!r}"
+        )
+    return size
 
 
 class ShardWriter:
@@ -494,7 +660,7 @@ class ShardWriter:
             dict(self._specs),
             get_storage_size=lambda spec: spec.numel * torch_dtype(spec.dtype).itemsize,
             filename_pattern=stem + "{suffix}" + suffix,
-            max_shard_size=max_shard_size,
+            max_shard_size=parse_shard_size(max_shard_size),
         )
         self.split = split
         self.weights_name = weights_name
@@ -653,7 +819,9 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
 
 
 class _Interrupted(BaseException):
-    pass
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
 
 
 @contextmanager
@@ -665,13 +833,46 @@ def _signals_raise() -> Iterator[None]:
         return
 
     def handler(signum, frame):  # noqa: ARG001
-        raise _Interrupted(f"interrupted by signal {signum}")
+        raise _Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    # Hold SIGINT and SIGTERM back while renaming or cleaning up, so a second
+    # signal cannot stop half way between moving the old output aside and
+    # moving the new one in. Held signals arrive when the block ends.
+    # NOTE: Windows has no pthread_sigmask, so there the renames are not shielded.
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# errno values that mean the destination cannot take the output.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _write_error(output: str | os.PathLike, exc: OSError) -> OutputWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free space there (the output needs about as much as the fine-tune's weights) or choose another output folder"
+    else:
+        advice = "the destination is read-only or not writable: choose another output folder"
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputWriteError(
+        f"writing the output folder {os.fspath(output)!r} failed: {exc.strerror or exc}{where}. Nothing was "
+        f"left there and the inputs are unchanged; {advice}."
+    )
 
 
 @contextmanager
@@ -682,25 +883,48 @@ def atomic_output_dir(
 
     The temporary folder sits beside the target (same file system, so the final
     rename is atomic) and is named ``.<name>.lines-incomplete-*``. On any error,
-    Ctrl-C or SIGTERM it is removed and the exception propagates; an existing
-    output is replaced only after the new one is complete.
+    Ctrl-C or SIGTERM it is removed and the exception propagates. An existing
+    output is replaced only after the new one is complete, and it is put back
+    if the replacement fails.
+
+    Raises:
+        OutputPathError: if the output location is unsafe (``check_output_path``).
+        OutputWriteError: if the destination is full, read-only or not writable.
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, with ``signum`` set to the signal.
     """
     target = check_output_path(output, inputs, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lines-incomplete-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.lines-incomplete-", dir=target.parent))
+    except OSError as exc:
+        raise _write_error(output, exc) from exc
+
+    trash: Path | None = None
+    committed = False
     try:
         with _signals_raise():
             yield temp
-            if target.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.lines-old-", dir=target.parent))
-                os.replace(target, trash / "old")
+            with _signals_deferred():
+                if target.exists():
+                    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.lines-old-", dir=target.parent))
+                    os.replace(target, trash / "old")
                 os.replace(temp, target)
+                committed = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException as exc:
+        with _signals_deferred():
+            # Before the commit, the old output goes back. After it, the new output is
+            # complete (a signal held during the renames arrived late), so the old one goes.
+            if not committed and trash is not None and (trash / "old").exists() and not target.exists():
+                os.replace(trash / "old", target)
+            if trash is not None and (committed or not (trash / "old").exists()):
                 shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(temp, target)
-    except _Interrupted as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise KeyboardInterrupt(str(exc)) from None
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+            shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(exc, _Interrupted):
+            interrupt = KeyboardInterrupt(str(exc))
+            interrupt.signum = exc.signum
+            raise interrupt from None
+        if isinstance(exc, OSError) and not isinstance(exc, LiNeSError) and exc.errno in _WRITE_ERRNOS:
+            raise _write_error(output, exc) from exc
         raise

@@ -102,6 +102,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, merge: bool = False
         help="drop floating-point tensors that the base has and the fine-tune lacks instead of failing",
     )
     group.add_argument("--allow-non-finite", action="store_true", help="allow NaN or inf values in a task vector")
+    group.add_argument(
+        "--new-vocab-rows",
+        choices=("error", "finetuned"),
+        default=None,
+        help="when the fine-tune has more embedding rows than the base (resize_token_embeddings): error "
+        "(default) rejects the edit; finetuned edits the shared rows and copies the new rows unchanged",
+    )
     group.add_argument("--config", metavar="FILE", help="start from a saved lines_config.json; options override it")
 
 
@@ -147,6 +154,7 @@ def config_from_args(args: argparse.Namespace):
         ("layer_pattern", "layer_pattern"),
         ("exclude", "exclude"),
         ("out_dtype", "out_dtype"),
+        ("new_vocab_rows", "new_vocab_rows"),
     ):
         if getattr(args, option) is not None:
             values[field] = getattr(args, option)
@@ -234,8 +242,30 @@ def run_edit_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def common_options() -> argparse.ArgumentParser:
+    """Return a parent parser that lets ``--debug`` and ``--quiet`` follow the command name too."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings and errors only"
+    )
+    return common
+
+
+def one_line(text: str) -> str:
+    """Return ``text`` with line breaks and other control characters escaped, so it prints as one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors print as one line (exit status 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="lines-hf",
         description="LiNeS: scale each block's task vector by alpha + beta * l / (L - 1) to keep what the "
         "pre-trained model knew.",
@@ -247,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = commands.add_parser(
         "edit",
+        parents=[common_options()],
         help="apply LiNeS to a full fine-tune or a LoRA adapter",
         description="Apply LiNeS to a fine-tune (streamed from safetensors, memory stays flat) or a LoRA adapter.",
     )
@@ -261,9 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_io_arguments(edit)
     edit.set_defaults(handler=run_edit_command)
 
+    from .merge import add_merge_command
+
+    add_merge_command(commands, parents=[common_options()])
+
     from .hub import add_hub_arguments, add_push_command
 
-    add_push_command(commands)
+    add_push_command(commands, parents=[common_options()])
     # Every command that writes an output folder can push it afterwards.
     for command in commands.choices.values():
         if "--output" in command._option_string_actions:
@@ -272,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lines-hf``; return the exit status (0 success, 1 error, 2 usage, 130 interrupted)."""
+    """Run ``lines-hf`` and return its exit status.
+
+    The status is 0 on success, 1 on an error, 2 on a usage error and 128 plus
+    the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -289,23 +328,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Fails before a long edit if the push cannot work (offline mode, invalid repo id).
         check_push_arguments(args)
         status = args.handler(args, argv)
-        if status == 0 and not getattr(args, "dry_run", False):
+        if status == 0 and getattr(args, "push_to_hub", None) and not getattr(args, "dry_run", False):
             commit = maybe_push(args, args.output)
-            if commit is not None:
-                print(f"Pushed {args.output} to {args.push_to_hub}: {commit.pr_url or commit.commit_url}")
+            print(f"Pushed {args.output} to {args.push_to_hub}: {commit.pr_url or commit.commit_url}")
         return status
-    except KeyboardInterrupt:
-        print("lines-hf: interrupted; no output folder was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM arrives as a KeyboardInterrupt carrying its number; exit as shells expect (128 + signal).
+        signum = getattr(exc, "signum", 2)
+        print(f"lines-hf: interrupted by signal {signum}; no incomplete output folder was left behind", file=sys.stderr)
+        return 128 + signum
     except (LiNeSError, OSError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"lines-hf: error: {exc}", file=sys.stderr)
+        print(f"lines-hf: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:  # an unexpected failure: still one line, with a way to see more
         if args.debug:
             raise
-        print(f"lines-hf: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"lines-hf: error: {type(exc).__name__}: {one_line(str(exc))} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

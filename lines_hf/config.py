@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import CheckpointNotFoundError, ConfigError
 from .schedule import gamma_to_alpha_beta
 
 LOG = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ CONFIG_NAME = "lines_config.json"
 NON_BLOCK_POLICIES = ("alpha", "keep", "base")
 STACK_POLICIES = ("per_stack", "global")
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+NEW_VOCAB_ROW_POLICIES = ("error", "finetuned")
 
 
 def _check_number(name: str, value: Any) -> float | None:
@@ -89,6 +90,14 @@ class LiNeSConfig:
     allow_non_finite: bool = field(
         default=False, metadata={"help": "Allow NaN or infinite values in a task vector."}
     )
+    new_vocab_rows: str = field(
+        default="error",
+        metadata={
+            "help": "What to do when the fine-tune has more embedding or output-head rows than the base (after "
+            "resize_token_embeddings): 'error' rejects the edit; 'finetuned' edits the rows both share and "
+            "copies the fine-tune's extra rows unchanged, since they have no pre-trained value."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.alpha = _check_number("alpha", self.alpha)
@@ -149,6 +158,11 @@ class LiNeSConfig:
 
         if self.out_dtype is not None and self.out_dtype not in DTYPE_NAMES:
             raise ConfigError(f"out_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.out_dtype!r}")
+
+        if self.new_vocab_rows not in NEW_VOCAB_ROW_POLICIES:
+            raise ConfigError(
+                f"new_vocab_rows must be one of {', '.join(NEW_VOCAB_ROW_POLICIES)}, got {self.new_vocab_rows!r}"
+            )
 
         for name in ("allow_missing_tensors", "allow_non_finite"):
             if not isinstance(getattr(self, name), bool):
@@ -227,10 +241,15 @@ class LiNeSConfig:
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no LiNeS config at {path}: expected a {CONFIG_NAME} file")
+            raise CheckpointNotFoundError(f"no LiNeS config at {path}: expected a {CONFIG_NAME} file")
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a LiNeS config") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer past Python's digit limit
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None

@@ -27,11 +27,12 @@ from .checkpoint import (
     looks_like_repo_id,
     read_config,
     resolve_model_dir,
+    tied_weights,
 )
 from .config import LiNeSConfig
 from .engine import MemorySink, run_edit
 from .errors import CheckpointNotFoundError, ConfigError
-from .plan import EditPlan, TensorSpec, build_plan
+from .plan import EditPlan, TensorSpec, build_plan, check_same_architecture
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -176,6 +177,8 @@ class LiNeSEditor:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         progress: bool = True,
+        merge: bool = False,
+        adapter_names: list[str] | None = None,
         **config_overrides: Any,
     ) -> "PreTrainedModel":
         """Return the fine-tuned model with LiNeS applied: ``base + lambda * (finetuned - base)``.
@@ -191,6 +194,10 @@ class LiNeSEditor:
             trust_remote_code: allow models whose config needs custom code.
             allow_pickle: allow ``pytorch_model.bin`` checkpoints, loaded with
                 ``weights_only=True``.
+            merge: LoRA adapters only. When false, return a ``PeftModel`` whose
+                ``lora_B`` factors are scaled per block; when true, return the
+                base model with the scaled delta merged in, as a plain model.
+            adapter_names: LoRA adapters of a ``PeftModel`` to edit (default: all).
 
         Returns:
             A model of the fine-tune's class, with ``model.lines_config`` and
@@ -203,6 +210,11 @@ class LiNeSEditor:
         """
         config = _coerce_config(config, config_overrides)
 
+        if (merge or adapter_names is not None) and not cls._is_adapter(finetuned):
+            raise ConfigError(
+                "merge and adapter_names apply only to LoRA adapters (a folder with adapter_config.json or a "
+                "PeftModel); a full fine-tune is always returned as a plain model"
+            )
         if cls._is_adapter(finetuned):
             from . import adapters
 
@@ -215,6 +227,9 @@ class LiNeSEditor:
                 token=token,
                 cache_dir=cache_dir,
                 trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                merge=merge,
+                adapter_names=adapter_names,
             )
 
         if base_model is None:
@@ -233,12 +248,8 @@ class LiNeSEditor:
 
         finetuned_source = StateDictSource(model.state_dict(), config=_model_config_dict(model))
         base_source = StateDictSource(base.state_dict(), config=_model_config_dict(base))
-        plan = build_plan(
-            finetuned_source.specs(),
-            base_source.specs(),
-            finetuned_source.config,
-            config,
-            prefix_hint=getattr(model, "base_model_prefix", None),
+        plan = plan_sources(
+            finetuned_source, base_source, config, prefix_hint=getattr(model, "base_model_prefix", None)
         )
 
         if config.out_dtype is not None:
@@ -291,12 +302,8 @@ class LiNeSEditor:
         config = _coerce_config(config, config_overrides)
         finetuned_source = _source(finetuned, revision=revision, token=token, allow_pickle=allow_pickle)
         base_source = _source(base_model, revision=base_revision, token=token, allow_pickle=allow_pickle)
-        return build_plan(
-            finetuned_source.specs(),
-            base_source.specs(),
-            finetuned_source.config,
-            config,
-            prefix_hint=getattr(finetuned, "base_model_prefix", None),
+        return plan_sources(
+            finetuned_source, base_source, config, prefix_hint=getattr(finetuned, "base_model_prefix", None)
         )
 
     # ------------------------------------------------------------------ saving
@@ -438,7 +445,7 @@ class LiNeSEditor:
                 )
             check_remote_code(finetuned_source.config, finetuned_dir, trust_remote_code)
             check_remote_code(base_source.config, base_dir, trust_remote_code)
-            plan = build_plan(finetuned_source.specs(), base_source.specs(), finetuned_source.config, config)
+            plan = plan_sources(finetuned_source, base_source, config)
             record = make_record(
                 plan,
                 config,
@@ -460,6 +467,46 @@ class LiNeSEditor:
         LOG.info("Wrote the LiNeS-edited model to %s", output)
         return Path(output)
 
+    # ------------------------------------------------------------------ merges
+
+    @staticmethod
+    def merge(
+        finetuned: list[Any],
+        base_model: Any,
+        method: str = "task_arithmetic",
+        config: LiNeSConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "PreTrainedModel":
+        """Merge fine-tunes (models, folders or LoRA adapter folders) of one base and return the merged model.
+
+        The task vectors are merged with ``method`` (``task_arithmetic``,
+        ``ties``, ``consensus``, ``dare_linear``, ``dare_ties``), then LiNeS
+        scales the merged task vector once; ``lines=False`` gives the plain
+        baseline with one global ``scale``. ``config.alpha=None`` is the
+        automatic alpha. Keyword arguments (``lines``, ``scale``, ``evaluate``,
+        ``finetuned_accuracy``, ``grid``, ``density``, ``ties_trim``, ...) are
+        those of ``lines_hf.merge.merge_models``, which documents them.
+        """
+        from .merge import merge_models
+
+        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in LiNeSConfig.__dataclass_fields__}
+        return merge_models(finetuned, base_model, method, _coerce_config(config, config_fields), **kwargs)
+
+    @staticmethod
+    def merge_folder(
+        finetuned: list[str | os.PathLike],
+        base_model: str | os.PathLike,
+        output: str | os.PathLike,
+        method: str = "task_arithmetic",
+        config: LiNeSConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Merge model or LoRA adapter folders into ``output``, streaming; see ``lines_hf.merge.merge_folders``."""
+        from .merge import merge_folders
+
+        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in LiNeSConfig.__dataclass_fields__}
+        return merge_folders(finetuned, base_model, output, _coerce_config(config, config_fields), method=method, **kwargs)
+
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
@@ -469,6 +516,41 @@ class LiNeSEditor:
         if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
             return os.path.isfile(os.path.join(value, ADAPTER_CONFIG_NAME))
         return False
+
+
+def _ties(source: Any) -> dict[str, str]:
+    if isinstance(source, StateDictSource):
+        return dict(source.aliases)
+    return tied_weights(source.config, frozenset(spec.name for spec in source.specs()))
+
+
+def plan_sources(
+    finetuned_source: Any, base_source: Any, config: LiNeSConfig, *, prefix_hint: str | None = None
+) -> EditPlan:
+    """Check that two sources share an architecture and return the plan that edits one against the other.
+
+    Tensors that the base ties instead of storing (an output head tied to the
+    input embedding) take their task vector against the tensor they are tied to.
+
+    Raises:
+        ArchitectureMismatchError: if the configs differ in model type or depth.
+        and every error of ``build_plan``.
+    """
+    check_same_architecture(
+        finetuned_source.config,
+        base_source.config,
+        f"the fine-tune ({finetuned_source.location})",
+        f"the base model ({base_source.location})",
+    )
+    return build_plan(
+        finetuned_source.specs(),
+        base_source.specs(),
+        finetuned_source.config,
+        config,
+        prefix_hint=prefix_hint,
+        tied_in_base=_ties(base_source),
+        tied_in_finetuned=_ties(finetuned_source),
+    )
 
 
 def write_plan_shards(

@@ -6,19 +6,22 @@ in-memory edit, a streaming edit of safetensors files and a dry run.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import LiNeSConfig
-from .errors import TensorMismatchError
+from .errors import ArchitectureMismatchError, TensorMismatchError
 from .layers import LayerMap, align_names, resolve_layers
 from .schedule import linear_scale
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 
 # Why a tensor gets the action it gets; recorded in dry runs and lines_config.json.
+LOG = logging.getLogger(__name__)
+
 REASON_BLOCK = "block"
 REASON_OUTSIDE = "outside blocks"
 REASON_EXCLUDED = "excluded"
@@ -52,7 +55,10 @@ class TensorAction:
 
     ``scale`` is ``None`` when the tensor has no task vector and is copied from
     the fine-tune unchanged (a new head, an integer buffer). Otherwise the output
-    is ``base + scale * (finetuned - base)``.
+    is ``base + scale * (finetuned - base)``. ``base_rows`` is set when the
+    fine-tune has more rows (dimension 0) than the base, as after
+    ``resize_token_embeddings``: only the first ``base_rows`` rows are edited and
+    the rest are copied from the fine-tune.
     """
 
     name: str
@@ -64,6 +70,7 @@ class TensorAction:
     reason: str
     stack: str | None = None
     block: int | None = None
+    base_rows: int | None = None
 
 
 @dataclass
@@ -76,6 +83,7 @@ class EditPlan:
     beta: float
     non_block_scale: float
     dropped: list[str] = field(default_factory=list)
+    tied_in_base: dict[str, str] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.actions)
@@ -119,6 +127,12 @@ class EditPlan:
             "copied_from_finetuned_not_in_base": self.not_in_base(),
             "excluded": [a.name for a in self.actions if a.reason == REASON_EXCLUDED],
             "dropped_base_only": list(self.dropped),
+            "tied_in_base": dict(self.tied_in_base),
+            "new_vocab_rows": {
+                a.name: {"base_rows": a.base_rows, "finetuned_rows": a.shape[0]}
+                for a in self.actions
+                if a.base_rows is not None
+            },
         }
 
     def rows(self) -> list[tuple[str, str, str, str]]:
@@ -130,6 +144,67 @@ class EditPlan:
             scale = "copy" if action.scale is None else f"{action.scale:.6g}"
             rows.append((action.name, stack, block, f"{scale} ({action.reason})"))
         return rows
+
+
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
+def _model_types(config: Mapping[str, Any]) -> set[str]:
+    """Return the ``model_type`` of a config and of every sub-config nested in it."""
+    found = set()
+    if isinstance(config.get("model_type"), str):
+        found.add(config["model_type"])
+    for value in config.values():
+        if isinstance(value, Mapping):
+            found |= _model_types(value)
+    return found
+
+
+def _depths(config: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
+    """Return every depth field of a config and of its sub-configs, keyed by dotted path."""
+    found = {}
+    for key, value in config.items():
+        if key in DEPTH_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            found[prefix + key] = value
+        elif isinstance(value, Mapping):
+            found.update(_depths(value, f"{prefix}{key}."))
+    return found
+
+
+def check_same_architecture(
+    finetuned: Mapping[str, Any] | None,
+    base: Mapping[str, Any] | None,
+    finetuned_location: str = "the fine-tune",
+    base_location: str = "the base model",
+) -> None:
+    """Check that two ``config.json`` dicts describe the same architecture and depth.
+
+    A ``model_type`` that differs passes only when one config nests the other's
+    (a ``CLIPVisionModel`` fine-tune of a ``CLIPModel`` base). With equal model
+    types, every depth field present in both (``num_hidden_layers``, ``n_layer``
+    and the like, also in sub-configs) must agree.
+
+    Raises:
+        ArchitectureMismatchError: naming both values and both locations.
+    """
+    if not finetuned or not base:
+        return
+    tuned_type, base_type = finetuned.get("model_type"), base.get("model_type")
+    if isinstance(tuned_type, str) and isinstance(base_type, str) and tuned_type != base_type:
+        if tuned_type not in _model_types(base) and base_type not in _model_types(finetuned):
+            raise ArchitectureMismatchError(
+                f"{finetuned_location} is a {tuned_type!r} model but {base_location} is a {base_type!r} model: "
+                "LiNeS edits a fine-tune against the pre-trained model it was trained from. Pass that base model."
+            )
+        return
+    tuned_depths, base_depths = _depths(finetuned), _depths(base)
+    for key in sorted(set(tuned_depths) & set(base_depths)):
+        if tuned_depths[key] != base_depths[key]:
+            raise ArchitectureMismatchError(
+                f"{finetuned_location} has {key}={tuned_depths[key]} but {base_location} has "
+                f"{key}={base_depths[key]}: both models must have the same depth. Pass the base model the "
+                "fine-tune was trained from."
+            )
 
 
 def non_block_value(policy: str | float, alpha: float) -> float:
@@ -153,6 +228,8 @@ def build_plan(
     beta: float | None = None,
     prefix_hint: str | None = None,
     name_map: Mapping[str, str | None] | None = None,
+    tied_in_base: Mapping[str, str] | None = None,
+    tied_in_finetuned: Mapping[str, str] | None = None,
 ) -> EditPlan:
     """Plan a LiNeS edit of ``finetuned`` against ``base``.
 
@@ -164,6 +241,12 @@ def build_plan(
         alpha, beta: override the config's values (merges pass the computed alpha).
         prefix_hint: the task model's ``base_model_prefix``, when known.
         name_map: an explicit fine-tuned-to-base name mapping, instead of aligning.
+        tied_in_base: tensors that the base ties to another one and does not
+            store, mapped to the stored tensor (``lm_head.weight`` ->
+            ``model.embed_tokens.weight``). A fine-tuned tensor of such a name
+            takes its task vector against the stored tensor.
+        tied_in_finetuned: the same for the fine-tune; used to explain a base
+            tensor that the fine-tune lacks because it ties it.
 
     Raises:
         ConfigError: if alpha or beta is missing.
@@ -178,8 +261,16 @@ def build_plan(
     assert alpha is not None and beta is not None
 
     base_by_name = {spec.name: spec for spec in base}
+    # Tied names resolve to the stored tensor's spec, so alignment can match them.
+    ties = {
+        alias: stored
+        for alias, stored in (tied_in_base or {}).items()
+        if alias not in base_by_name and stored in base_by_name
+    }
+    base_by_name.update({alias: base_by_name[stored] for alias, stored in ties.items()})
     if name_map is None:
         name_map = align_names([s.name for s in finetuned], base_by_name, prefix_hint=prefix_hint)
+    tied: dict[str, str] = {}
 
     layer_map = resolve_layers(
         [s.name for s in finetuned],
@@ -196,12 +287,26 @@ def build_plan(
     for spec in finetuned:
         base_name = name_map.get(spec.name)
         base_spec = base_by_name.get(base_name) if base_name is not None else None
+        if base_spec is not None and base_name in ties and spec.is_float:
+            tied[spec.name] = base_spec.name
+            LOG.info(
+                "Tensor %s has no separate tensor in the base model, which ties %s to %s: its task vector is "
+                "taken against %s",
+                spec.name,
+                base_name,
+                base_spec.name,
+                base_spec.name,
+            )
+        if base_spec is not None:
+            base_name = base_spec.name
         located = layer_map.locate(spec.name)
         stack = located[0].stack if located else None
         block = located[0].index if located else None
         out_dtype = config.out_dtype or spec.dtype if spec.is_float else spec.dtype
 
-        def action(scale: float | None, reason: str, base_name: str | None = base_name) -> TensorAction:
+        def action(
+            scale: float | None, reason: str, base_name: str | None = base_name, base_rows: int | None = None
+        ) -> TensorAction:
             return TensorAction(
                 name=spec.name,
                 base_name=base_name,
@@ -212,6 +317,7 @@ def build_plan(
                 reason=reason,
                 stack=stack,
                 block=block,
+                base_rows=base_rows,
             )
 
         if base_spec is not None:
@@ -229,21 +335,30 @@ def build_plan(
                 )
             actions.append(action(None, REASON_NOT_IN_BASE, None))
             continue
-        _check_pair(spec, base_spec, config)
+        base_rows = _check_pair(spec, base_spec, config, in_block=located is not None)
         if any(p.search(spec.name) for p in excludes):
-            actions.append(action(1.0, REASON_EXCLUDED))
+            actions.append(action(1.0, REASON_EXCLUDED, base_rows=base_rows))
         elif located is not None:
             ref, info = located
             position, depth = info.position(ref.index)
             actions.append(action(linear_scale(position, depth, alpha, beta), REASON_BLOCK))
         else:
-            actions.append(action(outside_scale, REASON_OUTSIDE))
+            actions.append(action(outside_scale, REASON_OUTSIDE, base_rows=base_rows))
 
     dropped = []
     for spec in base:
         if spec.name in used_base or not spec.is_float:
             continue
         dropped.append(spec.name)
+    untied = [name for name in dropped if name in (tied_in_finetuned or {})]
+    if untied and not config.allow_missing_tensors:
+        name = untied[0]
+        raise TensorMismatchError(
+            f"the base model stores {name!r} as its own tensor, but the fine-tune ties it to "
+            f"{tied_in_finetuned[name]!r} and does not store it (tie_word_embeddings). The output keeps the "
+            f"fine-tune's tie, so the base's {name!r} has no place in it: pass allow_missing_tensors=True "
+            "(--allow-missing-tensors) to leave it out, or use a fine-tune saved with untied weights."
+        )
     if dropped and not config.allow_missing_tensors:
         shown = ", ".join(dropped[:10]) + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else "")
         raise TensorMismatchError(
@@ -259,17 +374,36 @@ def build_plan(
         beta=float(beta),
         non_block_scale=outside_scale,
         dropped=dropped,
+        tied_in_base=tied,
     )
 
 
-def _check_pair(finetuned: TensorSpec, base: TensorSpec, config: LiNeSConfig) -> None:
+def _check_pair(finetuned: TensorSpec, base: TensorSpec, config: LiNeSConfig, *, in_block: bool) -> int | None:
+    """Check that a fine-tuned tensor can be edited against its base tensor.
+
+    Returns:
+        ``None``, or the base's row count when the fine-tune only adds rows to a
+        tensor outside every block and ``config.new_vocab_rows`` is ``"finetuned"``.
+    """
+    base_rows = None
     if finetuned.shape != base.shape:
         hint = ""
-        if len(finetuned.shape) == len(base.shape) and finetuned.shape[1:] == base.shape[1:]:
+        rows_differ = len(finetuned.shape) == len(base.shape) >= 1 and finetuned.shape[1:] == base.shape[1:]
+        if rows_differ and finetuned.shape[0] > base.shape[0] and not in_block:
+            if config.new_vocab_rows == "finetuned":
+                base_rows = base.shape[0]
+            else:
+                hint = (
+                    " The fine-tune has more rows, as after resize_token_embeddings, and the new rows have no "
+                    "pre-trained value to scale against. To edit the shared rows and copy the new ones "
+                    "unchanged, pass new_vocab_rows='finetuned' (--new-vocab-rows finetuned)."
+                )
+        elif rows_differ:
             hint = (
-                " The first dimension differs, as after resize_token_embeddings: the fine-tune's extra "
-                "rows have no pre-trained value to scale against."
+                " The first dimension differs, as after resize_token_embeddings, but lines_hf can only add "
+                "rows outside the transformer blocks, never remove them."
             )
+    if finetuned.shape != base.shape and base_rows is None:
         raise TensorMismatchError(
             f"shape mismatch for tensor {finetuned.name!r}: fine-tuned {list(finetuned.shape)} vs base "
             f"{list(base.shape)} (base name {base.name!r}).{hint} Both models must share one architecture."
@@ -284,3 +418,4 @@ def _check_pair(finetuned: TensorSpec, base: TensorSpec, config: LiNeSConfig) ->
             "Pass out_dtype (--out-dtype, for example float32 or bfloat16) to compute in float32 and store "
             "every tensor in that dtype."
         )
+    return base_rows

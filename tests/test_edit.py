@@ -276,3 +276,35 @@ def test_hub_id_resolved_from_cache(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((out / "lines_config.json").read_text())["resolved"]
     assert record["inputs"]["base_model"]["hub_id"] == "org/tiny-base"
+
+
+def test_vit_new_name_layout_on_disk(tmp_path):
+    base = make_model("vit")
+    tuned = perturb(base)
+    base.save_pretrained(tmp_path / "base", save_original_format=False)
+    tuned.save_pretrained(tmp_path / "tuned", save_original_format=False)
+    assert "vit.layers.0.attention.q_proj.weight" in load_folder(tmp_path / "tuned")
+    out = LiNeSEditor.edit_folder(tmp_path / "tuned", tmp_path / "base", tmp_path / "out", alpha=0.2, beta=0.6,
+                                  progress=False)
+    memory = LiNeSEditor.from_pretrained(tuned, base_model=base, alpha=0.2, beta=0.6, progress=False).state_dict()
+    for name, tensor in load_folder(out).items():
+        assert torch.equal(tensor, memory[name]), name
+
+
+def test_mixed_vit_layouts_rejected(tmp_path):
+    from lines_hf import TensorMismatchError
+
+    base = make_model("vit")
+    tuned = perturb(base)
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned", save_original_format=False)
+    with pytest.raises(TensorMismatchError, match="save_original_format"):
+        LiNeSEditor.edit_folder(tmp_path / "tuned", tmp_path / "base", tmp_path / "out", alpha=0.2, beta=0.6,
+                                progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_flag_after_command(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        cli_main(["edit", "--debug", "--base", str(tmp_path / "nope"), "--finetuned", str(tmp_path / "nope2"),
+                  "--alpha", "0", "--beta", "1", "--output", str(tmp_path / "out")])
