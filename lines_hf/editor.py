@@ -515,6 +515,24 @@ class LiNeSEditor:
             return True
         if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
             return os.path.isfile(os.path.join(value, ADAPTER_CONFIG_NAME))
+        if isinstance(value, str) and not os.path.exists(value) and looks_like_repo_id(value):
+            return _hub_repo_has_adapter(value)
+        return False
+
+
+def _hub_repo_has_adapter(repo_id: str) -> bool:
+    """Return true if Hub repo ``repo_id`` holds ``adapter_config.json``, checking the local cache first."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(try_to_load_from_cache(repo_id, ADAPTER_CONFIG_NAME), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return file_exists(repo_id, ADAPTER_CONFIG_NAME)
+    except (HfHubHTTPError, OSError, ValueError):
+        # Unreachable or private: treat it as a full model, whose loading reports the real error.
         return False
 
 

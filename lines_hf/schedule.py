@@ -22,9 +22,10 @@ def linear_scale(block: int, depth: int, alpha: float, beta: float) -> float:
     if not 0 <= block < depth:
         raise ValueError(f"block index {block} is outside a stack of depth {depth}")
 
-    if depth == 1:
+    if depth == 1 or block == depth - 1:
         return float(alpha + beta)
-    return float(alpha + beta * block / (depth - 1))
+    # Divide first: beta * block / (depth - 1) can round the last block off alpha + beta.
+    return float(alpha + beta * (block / (depth - 1)))
 
 
 def linear_scales(depth: int, alpha: float, beta: float) -> list[float]:

@@ -11,7 +11,7 @@ from lines_hf import LiNeSConfig, LiNeSEditor
 from lines_hf.cli import main as cli_main
 from lines_hf.layers import resolve_layers
 from lines_hf.schedule import linear_scale
-from tiny import ARCHITECTURES, make_model, perturb, save_pair
+from tiny import ARCHITECTURES, add_to_hub_cache, make_model, perturb, save_pair
 
 
 def load_folder(folder):
@@ -254,17 +254,8 @@ def test_copies_non_weight_files(tmp_path):
 def test_hub_id_resolved_from_cache(tmp_path, monkeypatch):
     base_dir, tuned_dir = save_pair(tmp_path, "bert")
     cache = tmp_path / "hub"
-    for repo, folder in (("org/tiny-base", base_dir), ("org/tiny-tuned", tuned_dir)):
-        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123456789abcdef"
-        blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
-        snapshot.mkdir(parents=True)
-        blobs.mkdir(parents=True)
-        for file in os.listdir(folder):
-            (blobs / file).write_bytes((folder / file).read_bytes())
-            os.symlink(blobs / file, snapshot / file)
-        refs = cache / f"models--{repo.replace('/', '--')}" / "refs"
-        refs.mkdir()
-        (refs / "main").write_text("0123456789abcdef")
+    add_to_hub_cache(cache, "org/tiny-base", base_dir)
+    add_to_hub_cache(cache, "org/tiny-tuned", tuned_dir)
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

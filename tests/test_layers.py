@@ -178,3 +178,18 @@ def test_align_backbone_prefix():
     }
     # The other direction: a base saved from a task model, a fine-tune from the backbone.
     assert align_names(base[:2], finetuned)["encoder.layer.0.w"] == "bert.encoder.layer.0.w"
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.2, 0.8), (0.1, 0.9), (0.3, 0.7), (0.0, 1.0)])
+@pytest.mark.parametrize("depth", [2, 3, 6, 12, 30])
+def test_last_block_exactly_alpha_plus_beta(alpha, beta, depth):
+    assert linear_scale(depth - 1, depth, alpha, beta) == alpha + beta
+    assert linear_scale(depth - 1, depth, alpha, beta) == 1.0
+
+
+def test_gamma_last_block_exactly_one():
+    from lines_hf.schedule import gamma_to_alpha_beta
+
+    for step in range(11):
+        alpha, beta = gamma_to_alpha_beta(step / 10)
+        assert linear_scale(11, 12, alpha, beta) == 1.0

@@ -102,3 +102,16 @@ def save_pair(root: Path, arch: str, dtype=torch.float32, **overrides) -> tuple[
     base.save_pretrained(base_dir)
     tuned.save_pretrained(tuned_dir)
     return base_dir, tuned_dir
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef") -> None:
+    """Lay ``folder`` out in ``cache`` as huggingface_hub does: snapshot symlinks into ``blobs/``."""
+    repo_dir = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot, blobs, refs = repo_dir / "snapshots" / revision, repo_dir / "blobs", repo_dir / "refs"
+    for path in (snapshot, blobs, refs):
+        path.mkdir(parents=True, exist_ok=True)
+    for file in Path(folder).iterdir():
+        if file.is_file():
+            (blobs / file.name).write_bytes(file.read_bytes())
+            (snapshot / file.name).symlink_to(blobs / file.name)
+    (refs / "main").write_text(revision)
