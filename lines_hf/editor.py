@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,18 +54,20 @@ def _coerce_config(config: LiNeSConfig | Mapping[str, Any] | None, overrides: Ma
 
 
 def _is_model(value: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
+    # A model object cannot exist before its library is imported, so a folder
+    # path is checked without paying seconds to import transformers.
+    if "transformers" not in sys.modules:
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(value, PreTrainedModel)
 
 
 def _is_peft_model(value: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
+    if "peft" not in sys.modules:
         return False
+    from peft import PeftModel
+
     return isinstance(value, PeftModel)
 
 
