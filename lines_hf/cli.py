@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_io_arguments(edit)
     edit.set_defaults(handler=run_edit_command)
 
-    from .merge import add_merge_command
+    from .merge_cli import add_merge_command
 
     add_merge_command(commands, parents=[common_options()])
 

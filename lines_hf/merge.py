@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +35,10 @@ import torch
 from .checkpoint import FolderSource, TensorSource
 from .config import LiNeSConfig
 from .engine import ChunkProducer, TensorSink, stream
-from .errors import ArchitectureMismatchError, CheckpointNotFoundError, ConfigError, UnsupportedAdapterError
-from .layers import align_names, compile_layer_pattern, find_block
+from .errors import ArchitectureMismatchError, CheckpointNotFoundError, ConfigError
+from .layers import compile_layer_pattern, find_block
+# LoraInput is not used here; it is imported so that lines_hf.merge.LoraInput still works.
+from .merge_inputs import LoraInput, LoraSource, MergeInput, folder_sources, open_inputs
 from .merging import (
     GrowingBuffer,
     MergeMethod,
@@ -58,7 +60,6 @@ from .plan import (
     REASON_OUTSIDE,
     EditPlan,
     TensorAction,
-    TensorSpec,
     build_plan,
 )
 from .plan import check_same_architecture
@@ -89,208 +90,6 @@ MAX_WINDOW = 16 * 1024 * 1024
 
 HEADS_DIR = "heads"
 HEAD_POLICIES = ("save", "drop")
-
-
-@dataclass
-class MergeInput:
-    """One fine-tune to merge: its tensors and how they map onto the base model's names.
-
-    ``name_map`` maps each base tensor name to this input's name for it;
-    ``heads`` lists this input's tensors that the base lacks.
-    """
-
-    label: str
-    source: TensorSource
-    name_map: dict[str, str]
-    heads: list[str] = field(default_factory=list)
-
-    def task_vector_flat(
-        self, base_name: str, base_chunk: torch.Tensor, start: int, count: int, out: torch.Tensor
-    ) -> None:
-        """Write the float32 task vector of flat elements ``start .. start+count`` of ``base_name`` into ``out``."""
-        tuned = self.source.read_flat(self.name_map[base_name], start, count)
-        # Converting first and subtracting in float32 is several times faster
-        # in torch on CPU than one mixed-dtype subtraction.
-        out.copy_(tuned).sub_(base_chunk)
-
-    @property
-    def location(self) -> str:
-        return getattr(self.source, "location", self.label)
-
-
-def open_inputs(
-    base: TensorSource, sources: Sequence[TensorSource], labels: Sequence[str] | None = None
-) -> list[MergeInput]:
-    """Align every fine-tune's tensor names with the base and wrap them as ``MergeInput``s."""
-    base_names = [spec.name for spec in base.specs()]
-    inputs = []
-    for index, source in enumerate(sources):
-        label = labels[index] if labels else Path(getattr(source, "location", f"model-{index}")).name
-        if isinstance(source, LoraSource):
-            inputs.append(LoraInput(label, source))
-            continue
-        names = [spec.name for spec in source.specs()]
-        mapping = align_names(names, base_names)
-        name_map = {base_name: own for own, base_name in mapping.items() if base_name is not None}
-        heads = [own for own, base_name in mapping.items() if base_name is None]
-        inputs.append(MergeInput(label=label, source=source, name_map=name_map, heads=heads))
-    return inputs
-
-
-class LoraSource(TensorSource):
-    """A LoRA adapter folder seen as a full model: base tensors plus the adapter's deltas.
-
-    ``specs`` lists the base model's tensors and the adapter's full tensors
-    that the base lacks (heads kept in ``modules_to_save``). ``read_flat`` of a
-    base tensor returns ``base + delta`` in the base dtype; merges read the
-    delta itself through ``LoraInput.task_vector_flat``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, base: TensorSource) -> None:
-        from .adapters import check_adapter_config, read_adapter_config, strip_peft_prefix
-
-        self.folder = Path(folder)
-        self.location = str(self.folder)
-        self.base = base
-        self.config = base.config
-        adapter_config = read_adapter_config(self.folder)
-        check_adapter_config(adapter_config, self.folder.name, merge=False)
-        if adapter_config.get("use_dora"):
-            raise UnsupportedAdapterError(
-                f"adapter {self.folder.name!r} uses DoRA, whose delta is not scaling * B @ A: merge it into its "
-                "base first (merge_and_unload), save the full model and merge that folder"
-            )
-        self.fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
-        self.use_rslora = bool(adapter_config.get("use_rslora"))
-        self.lora_alpha = float(adapter_config.get("lora_alpha", 8))
-        self.alpha_pattern = dict(adapter_config.get("alpha_pattern") or {})
-        self._weights = FolderSource(self.folder, weights_name=_adapter_weights_name(self.folder))
-
-        base_names = {spec.name for spec in base.specs()}
-        factors: dict[str, dict[str, str]] = {}
-        full: dict[str, str] = {}
-        for spec in self._weights.specs():
-            name = strip_peft_prefix(spec.name)
-            match = re.match(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$", name)
-            if match:
-                factors.setdefault(match.group(1), {})[match.group(2)] = spec.name
-            elif ".lora_" in name:
-                raise UnsupportedAdapterError(f"adapter tensor {spec.name!r} is not a LoRA factor that lines_hf knows")
-            else:
-                full[name] = spec.name
-
-        # Adapter names follow the task model (``bert.encoder...``); align them
-        # with the base's names as a fine-tune's names are aligned.
-        targets = [f"{module}.weight" for module in factors] + [f"{module}.bias" for module, f in factors.items() if "lora_B.bias" in f]
-        mapping = align_names(targets + list(full), base_names)
-        self.deltas: dict[str, tuple[str, dict[str, str]]] = {}
-        for module, parts in factors.items():
-            for kind in ("weight", "bias"):
-                if kind == "bias" and "lora_B.bias" not in parts:
-                    continue
-                base_name = mapping.get(f"{module}.{kind}")
-                if base_name is None:
-                    raise ArchitectureMismatchError(
-                        f"adapter {self.folder.name!r} adapts module {module!r}, which the base model lacks: "
-                        "pass the base model the adapter was trained on"
-                    )
-                self.deltas[base_name] = (kind, {**parts, "module": module})
-        self.full = {mapping[name]: stored for name, stored in full.items() if mapping.get(name) is not None}
-        self.heads = {name: stored for name, stored in full.items() if mapping.get(name) is None}
-
-    def specs(self) -> list[TensorSpec]:
-        heads = {name: spec for spec in self._weights.specs() for name in self.heads if self.heads[name] == spec.name}
-        result = list(self.base.specs())
-        result += [TensorSpec(name, spec.dtype, spec.shape) for name, spec in heads.items()]
-        return result
-
-    def scaling(self, module: str, rank: int) -> float:
-        """Return ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) of ``module``, honouring ``alpha_pattern``."""
-        alpha = self.lora_alpha
-        for pattern, value in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = float(value)
-                break
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-    def delta_flat(self, base_name: str, shape: Sequence[int], start: int, count: int) -> torch.Tensor:
-        """Return the float32 delta of flat elements ``start .. start+count`` of ``base_name`` (zeros if untouched)."""
-        if base_name in self.full:
-            tuned = self._weights.read_flat(self.full[base_name], start, count).to(torch.float32)
-            return tuned - self.base.read_flat(base_name, start, count).to(torch.float32)
-        if base_name not in self.deltas:
-            return torch.zeros(count, dtype=torch.float32)
-        kind, parts = self.deltas[base_name]
-        embedding = "lora_embedding_A" in parts
-        a = self._weights.read(parts["lora_embedding_A" if embedding else "lora_A.weight"]).to(torch.float32)
-        scale = self.scaling(parts["module"], a.shape[0])
-        if kind == "bias":
-            bias = self._weights.read(parts["lora_B.bias"]).to(torch.float32)
-            return (bias * scale)[start : start + count]
-        b = self._weights.read(parts["lora_embedding_B" if embedding else "lora_B.weight"]).to(torch.float32)
-        if len(shape) != 2:
-            raise UnsupportedAdapterError(
-                f"LoRA on tensor {base_name!r} of shape {list(shape)}: only 2-D weights (linear, embedding) are supported"
-            )
-        columns = shape[1]
-        first_row, end_row = start // columns, -(-(start + count) // columns)
-        # The delta is computed as the product B @ A, never from the factors
-        # separately; only the rows that the chunk covers are formed.
-        if embedding or self.fan_in_fan_out:
-            rows = (b @ a[:, first_row:end_row]).T
-        else:
-            rows = b[first_row:end_row] @ a
-        offset = start - first_row * columns
-        return rows.reshape(-1)[offset : offset + count] * scale
-
-    def read(self, name: str) -> torch.Tensor:
-        if name in self.heads:
-            return self._weights.read(self.heads[name])
-        spec = next(s for s in self.base.specs() if s.name == name)
-        return self.read_flat(name, 0, spec.numel).reshape(spec.shape)
-
-    def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
-        if name in self.heads:
-            return self._weights.read_flat(self.heads[name], start, count)
-        base_chunk = self.base.read_flat(name, start, count)
-        if not base_chunk.is_floating_point():
-            return base_chunk
-        shape = next(s.shape for s in self.base.specs() if s.name == name)
-        delta = self.delta_flat(name, shape, start, count)
-        return (base_chunk.to(torch.float32) + delta).to(base_chunk.dtype)
-
-    def close(self) -> None:
-        self._weights.close()
-
-
-class LoraInput(MergeInput):
-    """A LoRA adapter as a merge input: its task vector is ``scaling * B @ A`` per adapted weight."""
-
-    def __init__(self, label: str, source: LoraSource) -> None:
-        base_specs = source.base.specs()
-        super().__init__(
-            label=label,
-            source=source,
-            name_map={spec.name: spec.name for spec in base_specs},
-            heads=list(source.heads),
-        )
-        self._shapes = {spec.name: spec.shape for spec in base_specs}
-
-    def task_vector_flat(
-        self, base_name: str, base_chunk: torch.Tensor, start: int, count: int, out: torch.Tensor
-    ) -> None:
-        assert isinstance(self.source, LoraSource)
-        out.copy_(self.source.delta_flat(base_name, self._shapes[base_name], start, count))
-
-
-def _adapter_weights_name(folder: Path) -> str:
-    for name in ("adapter_model.safetensors",):
-        if (folder / name).is_file():
-            return name
-    raise CheckpointNotFoundError(
-        f"no adapter_model.safetensors in {folder}: lines_hf merges LoRA adapters saved as safetensors"
-    )
-
 
 class Merger:
     """The merged task vector of several fine-tunes, produced chunk by chunk.
@@ -788,17 +587,6 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape) if shape else 1
 
 
-def folder_sources(
-    folders: Sequence[str | os.PathLike], base: TensorSource, *, allow_pickle: bool = False
-) -> list[TensorSource]:
-    """Open each folder as a ``FolderSource``, or as a ``LoraSource`` when it holds a LoRA adapter."""
-    from .adapters import is_adapter_folder
-
-    return [
-        LoraSource(folder, base) if is_adapter_folder(folder) else FolderSource(folder, allow_pickle=allow_pickle)
-        for folder in folders
-    ]
-
 
 # --------------------------------------------------------------------------- folders and models
 
@@ -1187,154 +975,3 @@ def merge_models(
         if merge_input.heads
     }
     return working
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def task_list_chooser(
-    model_dirs: Sequence[str | os.PathLike],
-    tasks: Sequence[str],
-    *,
-    lines: bool,
-    grid: Sequence[float] | None = None,
-    validation_size: int = 300,
-    progress: bool = False,
-) -> Callable[[Merger, float | None], "GridSearchResult"]:
-    """Return a ``choose`` function for ``merge_folders`` that scores beta on local task datasets.
-
-    Task ``i`` of ``tasks`` (a name of ``lines_hf.tasks``) is the task of model
-    folder ``i``: its validation split (``load_task`` with default sizes and
-    seed) is scored with the merged backbone and that model's own head.
-
-    Raises:
-        ConfigError: if the number of tasks differs from the number of models.
-    """
-    if len(tasks) != len(model_dirs):
-        raise ConfigError(
-            f"--tasks names {len(tasks)} task(s) but --models gives {len(model_dirs)} model(s): "
-            "pass one task per model, in the same order"
-        )
-
-    def choose(merger: Merger, alpha: float | None) -> "GridSearchResult":
-        import transformers
-
-        from .evaluation import target_accuracy
-        from .tasks import load_task
-
-        splits = {task: load_task(task, validation_size=validation_size)["validation"] for task in tasks}
-        models = [
-            transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval() for folder in model_dirs
-        ]
-        tokenizers = [transformers.AutoTokenizer.from_pretrained(folder) for folder in model_dirs]
-        finetuned = {
-            task: target_accuracy(model, tokenizer, splits[task])
-            for task, model, tokenizer in zip(tasks, models, tokenizers)
-        }
-        LOG.info("Fine-tuned validation accuracies: %s", finetuned)
-
-        def evaluate(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-            # NOTE: the state uses the names stored on disk; this matches the
-            # names in memory for BERT-style classifiers, which --tasks targets.
-            result = {}
-            for task, model, tokenizer in zip(tasks, models, tokenizers):
-                model.load_state_dict(state, strict=False)
-                result[task] = target_accuracy(model, tokenizer, splits[task])
-            return result
-
-        return choose_scale(merger, evaluate, finetuned, lines=lines, alpha=alpha, grid=grid, progress=progress)
-
-    return choose
-
-
-def add_merge_command(commands: Any, parents: Sequence[Any] = ()) -> Any:
-    """Register ``lines-hf merge`` on the CLI's sub-command parsers and return its parser."""
-    from .cli import add_config_arguments, add_io_arguments
-    from .merging import METHODS, TIES_TRIM_SCOPES
-
-    merge = commands.add_parser(
-        "merge",
-        parents=list(parents),
-        help="merge fine-tunes (or LoRA adapters) of one base, with LiNeS or as a plain baseline",
-        description="Merge several fine-tunes of one base model (streamed, memory stays flat), then scale the "
-        "merged task vector with LiNeS. Alpha defaults to the automatic L1-norm ratio; beta is given with "
-        "--beta or chosen on validation data with --tasks.",
-    )
-    merge.add_argument("--base", required=True, help="pre-trained model folder or Hub repo id")
-    merge.add_argument(
-        "--models", nargs="+", required=True, metavar="DIR", help="fine-tuned model or LoRA adapter folders, in order"
-    )
-    merge.add_argument("--method", choices=METHODS, default="task_arithmetic", help="merge method (default task_arithmetic)")
-    group = merge.add_argument_group("merge method")
-    group.add_argument("--no-lines", action="store_true", help="plain baseline: base + scale * merged task vector")
-    group.add_argument("--scale", type=float, help="the baseline's global scale (with --no-lines)")
-    group.add_argument("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)")
-    group.add_argument(
-        "--ties-trim", choices=TIES_TRIM_SCOPES, help="ties: trim over the whole task vector (global, default) or per tensor"
-    )
-    group.add_argument("--consensus-lam", type=float, nargs="+", help="consensus: lam_t, one value or one per model (default 0.4)")
-    group.add_argument("--consensus-k", type=int, help="consensus: minimum number of agreeing tasks (default 2)")
-    group.add_argument("--drop-rate", type=float, help="dare_linear, dare_ties: drop probability (default 0.5)")
-    group.add_argument("--seed", type=int, help="dare_linear, dare_ties: random seed (default 0)")
-    group.add_argument(
-        "--heads",
-        choices=HEAD_POLICIES,
-        default="save",
-        help="tensors the base lacks (task heads): save writes OUTPUT/heads/<i>-<name>/, drop leaves them out",
-    )
-    group.add_argument(
-        "--tasks", nargs="+", metavar="TASK",
-        help="choose beta (or the baseline scale) on these local validation datasets, one task per model",
-    )
-    group.add_argument("--grid", type=float, nargs="+", help="values to try with --tasks (default: the method's reference grid)")
-    add_config_arguments(merge, merge=True)
-    add_io_arguments(merge)
-    merge.set_defaults(handler=run_merge_command)
-    return merge
-
-
-def run_merge_command(args: Any, argv: Sequence[str]) -> int:
-    """Run ``lines-hf merge`` from parsed arguments and return the exit status."""
-    from .cli import _command_line, config_from_args, print_plan
-
-    config = config_from_args(args)
-    lam = args.consensus_lam[0] if args.consensus_lam and len(args.consensus_lam) == 1 else args.consensus_lam
-    method = resolve_method(
-        args.method,
-        density=args.density,
-        ties_trim=args.ties_trim,
-        consensus_lam=lam,
-        consensus_k=args.consensus_k,
-        drop_rate=args.drop_rate,
-        seed=args.seed,
-    )
-    lines = not args.no_lines
-    choose = None
-    if args.tasks:
-        choose = task_list_chooser(args.models, args.tasks, lines=lines, grid=args.grid, progress=not args.no_progress)
-    if args.dry_run:
-        base = FolderSource(args.base, allow_pickle=args.allow_pickle)
-        sources = folder_sources(args.models, base, allow_pickle=args.allow_pickle)
-        merger = Merger(base, open_inputs(base, sources), method, config)
-        alpha = config.alpha if config.alpha is not None else merger.auto_alpha()
-        print_plan(merger.scaled_plan(alpha if lines else (args.scale or 1.0), config.beta or 0.0, lines=lines))
-        return 0
-    output = merge_folders(
-        args.models,
-        args.base,
-        args.output,
-        config,
-        method=method,
-        lines=lines,
-        scale=args.scale,
-        heads=args.heads,
-        choose=choose,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress,
-        command=_command_line(argv),
-    )
-    print(f"Saved the merged model to {output}")
-    return 0
