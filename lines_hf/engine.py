@@ -22,8 +22,9 @@ LOG = logging.getLogger(__name__)
 
 # Elements per chunk: 4 MiB per float32 working buffer. The edit makes several
 # passes over each chunk (convert, subtract, check, scale, add, round), and
-# small reused buffers keep those passes in the CPU cache. On a 2-core VM,
-# 1Mi-element chunks ran 2-4x faster per element than 8Mi-element ones.
+# small reused buffers keep those passes in the CPU cache. On a 2-core VM, a
+# 2.2e8-parameter edit took 0.74-0.91 s with 1Mi-element chunks and 1.30-1.92 s
+# with 4Mi-element ones.
 DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 
 # Workspace buffers of the edit producer; apply_scale uses 0 and 1.
