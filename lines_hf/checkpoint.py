@@ -782,13 +782,28 @@ def _is_within(path: Path, parent: Path) -> bool:
         return False
 
 
+def _apply_umask(folder: Path) -> None:
+    # mkdtemp creates the folder as 0700 and some writers create 0600 files; the
+    # finished output gets the modes a plain mkdir or open would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            (Path(root) / name).chmod(0o777 & ~umask)
+        for name in files:
+            (Path(root) / name).chmod(0o666 & ~umask)
+
+
 def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool) -> Path:
     """Validate an output folder and return its resolved path.
 
     Raises:
-        OutputPathError: if the output equals, contains or lies inside an input
-            folder, or exists and is not empty while ``overwrite`` is false.
+        OutputPathError: if the output is empty, equals, contains or lies inside
+            an input folder, or exists and is not empty while ``overwrite`` is false.
     """
+    if not os.fspath(output).strip():
+        raise OutputPathError("the output folder is an empty string: pass a folder path, for example --output ./edited")
     target = Path(output).expanduser().resolve()
     for item in inputs:
         if item is None:
@@ -904,6 +919,7 @@ def atomic_output_dir(
     try:
         with _signals_raise():
             yield temp
+            _apply_umask(temp)
             with _signals_deferred():
                 if target.exists():
                     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.lines-old-", dir=target.parent))

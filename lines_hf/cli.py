@@ -140,6 +140,8 @@ def config_from_args(args: argparse.Namespace):
     values: dict[str, Any] = {}
     if args.config:
         values = LiNeSConfig.from_pretrained(args.config).to_dict()
+    if args.gamma is not None and (args.alpha is not None or args.beta is not None):
+        raise _usage("--gamma sets alpha = gamma and beta = 1 - gamma: pass either --gamma or --alpha and --beta")
     if args.gamma is not None:
         values.update(gamma=args.gamma, alpha=None, beta=None)
     if args.alpha is not None or args.beta is not None:
@@ -211,6 +213,8 @@ def run_edit_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return adapters.run_cli(args, config, _command_line(argv))
     if args.finetuned is None:
         raise _usage("lines-hf edit needs --finetuned DIR (a full fine-tune) or --adapter DIR (a LoRA adapter)")
+    if args.merge:
+        raise _usage("--merge applies to LoRA adapters only: pass the adapter with --adapter DIR, or drop --merge")
     if args.dry_run:
         plan = LiNeSEditor.plan(
             args.finetuned,

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import LiNeSConfig
 from .engine import MemorySink, run_edit
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, TensorMismatchError
 from .plan import EditPlan, TensorSpec, build_plan, check_same_architecture
 
 if TYPE_CHECKING:
@@ -147,10 +147,39 @@ def _load_folder_model(
     FolderSource(folder, allow_pickle=allow_pickle).close()
 
     cls = _model_class(model_config)
-    model = cls.from_pretrained(
-        folder, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+    model, info = cls.from_pretrained(
+        folder,
+        dtype="auto",
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+        output_loading_info=True,
     )
+    _check_loading_info(folder, cls.__name__, info)
     return model.eval(), folder
+
+
+def _check_loading_info(folder: Path, class_name: str, info: Mapping[str, Any]) -> None:
+    """Raise if transformers had to invent or drop weights while loading ``folder``.
+
+    transformers fills a missing tensor with fresh random values and drops an
+    unknown one, with only a log line; LiNeS would then edit noise as if it
+    were trained weights.
+    """
+    problems = []
+    for key, label in (
+        ("missing_keys", "missing from the checkpoint (transformers would initialise them randomly)"),
+        ("mismatched_keys", "of a different shape than the model expects"),
+        ("unexpected_keys", "in the checkpoint but not in the model (transformers would drop them)"),
+    ):
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"{len(names)} tensor(s) {label}: {shown}")
+    if problems:
+        raise TensorMismatchError(
+            f"loading {folder} as {class_name} found " + "; ".join(problems) + ". Check that the folder holds a "
+            "complete checkpoint of this architecture (the streaming CLI, lines-hf edit, reports the same)."
+        )
 
 
 def _model_config_dict(model: "PreTrainedModel") -> dict[str, Any]:

@@ -217,6 +217,14 @@ def resolve_layers(
     for ref in blocks.values():
         found.setdefault(ref.stack, set()).add(ref.index)
 
+    if isinstance(num_layers, Mapping):
+        unknown = sorted(set(num_layers) - set(found))
+        if unknown:
+            raise LayerResolutionError(
+                f"num_layers names stack(s) {unknown} that do not exist; the stacks found are {sorted(found)}. "
+                "Use those names, for example --num-layers model.layers=32."
+            )
+
     stacks: dict[str, StackInfo] = {}
     for stack in sorted(found, key=_stack_order_key):
         indices = found[stack]

@@ -228,3 +228,61 @@ def test_missing_alpha_beta_message(pair, tmp_path, capsys):
     assert "--alpha" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         LiNeSEditor.from_pretrained(tuned_dir, base_model=base_dir)
+
+
+def test_gamma_with_alpha_beta_rejected(pair, tmp_path, capsys):
+    base_dir, tuned_dir = pair
+    code = cli_main(["edit", "--base", str(base_dir), "--finetuned", str(tuned_dir), "--gamma", "0.2", "--alpha", "0.5",
+                     "--beta", "0.5", "--output", str(tmp_path / "out")])
+    assert code == 1
+    assert "either --gamma or --alpha and --beta" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_flag_without_adapter(pair, tmp_path, capsys):
+    base_dir, tuned_dir = pair
+    code = cli_main(["edit", "--base", str(base_dir), "--finetuned", str(tuned_dir), "--gamma", "0.2", "--merge",
+                     "--output", str(tmp_path / "out")])
+    assert code == 1
+    assert "--adapter" in capsys.readouterr().err
+
+
+def test_unknown_stack_in_num_layers(pair, tmp_path, capsys):
+    base_dir, tuned_dir = pair
+    code = cli_main(["edit", "--base", str(base_dir), "--finetuned", str(tuned_dir), "--gamma", "0.2",
+                     "--num-layers", "foo.layer=4", "--output", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "'foo.layer'" in err
+    assert "bert.encoder.layer" in err
+
+
+def test_empty_output_rejected(pair):
+    base_dir, tuned_dir = pair
+    with pytest.raises(OutputPathError, match="empty string"):
+        edit(base_dir, tuned_dir, "")
+
+
+def test_output_follows_umask(pair, tmp_path):
+    base_dir, tuned_dir = pair
+    previous = os.umask(0o022)
+    try:
+        out = edit(base_dir, tuned_dir, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert (os.stat(out / "model.safetensors").st_mode & 0o777) == 0o644
+
+
+def test_in_memory_rejects_incomplete_finetune(pair, tmp_path):
+    base_dir, tuned_dir = pair
+    rewrite(tuned_dir, lambda t: t.pop("bert.encoder.layer.1.attention.self.query.weight"))
+    with pytest.raises(TensorMismatchError, match="bert.encoder.layer.1.attention.self.query.weight"):
+        LiNeSEditor.from_pretrained(tuned_dir, base_model=base_dir, alpha=0.3, beta=0.5, progress=False)
+
+
+def test_in_memory_rejects_extra_tensor(pair, tmp_path):
+    base_dir, tuned_dir = pair
+    rewrite(tuned_dir, lambda t: t.update({"bert.encoder.layer.1.extra.weight": torch.zeros(3)}))
+    with pytest.raises(TensorMismatchError, match="bert.encoder.layer.1.extra.weight"):
+        LiNeSEditor.from_pretrained(tuned_dir, base_model=base_dir, alpha=0.3, beta=0.5, progress=False)
