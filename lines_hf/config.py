@@ -21,6 +21,9 @@ CONFIG_NAME = "lines_config.json"
 NON_BLOCK_POLICIES = ("alpha", "keep", "base")
 STACK_POLICIES = ("per_stack", "global")
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+MERGE_METHODS = ("task_arithmetic", "ties", "consensus", "dare_linear", "dare_ties")
+TIES_TRIM_SCOPES = ("global", "per_tensor")
+HEAD_POLICIES = ("save", "drop")
 NEW_VOCAB_ROW_POLICIES = ("error", "finetuned")
 
 

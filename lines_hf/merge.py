@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import HEAD_POLICIES  # noqa: F401 (re-exported)
+
 from .checkpoint import FolderSource, TensorSource
 from .config import LiNeSConfig
 from .engine import ChunkProducer, TensorSink, stream
@@ -89,7 +91,6 @@ MAX_SAMPLES = 4 * 1024 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 
 HEADS_DIR = "heads"
-HEAD_POLICIES = ("save", "drop")
 
 class Merger:
     """The merged task vector of several fine-tunes, produced chunk by chunk.

@@ -7,12 +7,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .checkpoint import FolderSource
+from .config import HEAD_POLICIES, MERGE_METHODS, TIES_TRIM_SCOPES
 from .errors import ConfigError
-from .merge import HEAD_POLICIES, Merger, choose_scale, merge_folders, resolve_method
-from .merge_inputs import folder_sources, open_inputs
+
+if TYPE_CHECKING:
+    import torch
+
+    from .merge import Merger
 
 if TYPE_CHECKING:
     from .selection import GridSearchResult
@@ -28,7 +29,7 @@ def task_list_chooser(
     grid: Sequence[float] | None = None,
     validation_size: int = 300,
     progress: bool = False,
-) -> Callable[[Merger, float | None], "GridSearchResult"]:
+) -> Callable[["Merger", float | None], "GridSearchResult"]:
     """Return a ``choose`` function for ``merge_folders`` that scores beta on local task datasets.
 
     Task ``i`` of ``tasks`` (a name of ``lines_hf.tasks``) is the task of model
@@ -44,8 +45,10 @@ def task_list_chooser(
             "pass one task per model, in the same order"
         )
 
-    def choose(merger: Merger, alpha: float | None) -> "GridSearchResult":
+    def choose(merger: "Merger", alpha: float | None) -> "GridSearchResult":
         import transformers
+
+        from .merge import choose_scale
 
         from .evaluation import target_accuracy
         from .tasks import load_task
@@ -61,7 +64,7 @@ def task_list_chooser(
         }
         LOG.info("Fine-tuned validation accuracies: %s", finetuned)
 
-        def evaluate(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        def evaluate(state: Mapping[str, "torch.Tensor"]) -> dict[str, float]:
             # NOTE: the state uses the names stored on disk; this matches the
             # names in memory for BERT-style classifiers, which --tasks targets.
             result = {}
@@ -78,7 +81,6 @@ def task_list_chooser(
 def add_merge_command(commands: Any, parents: Sequence[Any] = ()) -> Any:
     """Register ``lines-hf merge`` on the CLI's sub-command parsers and return its parser."""
     from .cli import add_config_arguments, add_io_arguments
-    from .merging import METHODS, TIES_TRIM_SCOPES
 
     merge = commands.add_parser(
         "merge",
@@ -92,7 +94,7 @@ def add_merge_command(commands: Any, parents: Sequence[Any] = ()) -> Any:
     merge.add_argument(
         "--models", nargs="+", required=True, metavar="DIR", help="fine-tuned model or LoRA adapter folders, in order"
     )
-    merge.add_argument("--method", choices=METHODS, default="task_arithmetic", help="merge method (default task_arithmetic)")
+    merge.add_argument("--method", choices=MERGE_METHODS, default="task_arithmetic", help="merge method (default task_arithmetic)")
     group = merge.add_argument_group("merge method")
     group.add_argument("--no-lines", action="store_true", help="plain baseline: base + scale * merged task vector")
     group.add_argument("--scale", type=float, help="the baseline's global scale (with --no-lines)")
@@ -124,6 +126,11 @@ def add_merge_command(commands: Any, parents: Sequence[Any] = ()) -> Any:
 def run_merge_command(args: Any, argv: Sequence[str]) -> int:
     """Run ``lines-hf merge`` from parsed arguments and return the exit status."""
     from .cli import _command_line, config_from_args, print_plan
+    # Imported here, not at module level, so that building the parser (and
+    # `lines-hf --help`) does not import torch.
+    from .checkpoint import FolderSource
+    from .merge import Merger, merge_folders, resolve_method
+    from .merge_inputs import folder_sources, open_inputs
 
     config = config_from_args(args)
     lam = args.consensus_lam[0] if args.consensus_lam and len(args.consensus_lam) == 1 else args.consensus_lam

@@ -37,10 +37,11 @@ from typing import Any
 
 import torch
 
+from .config import MERGE_METHODS, TIES_TRIM_SCOPES  # noqa: F401 (re-exported)
+
 from .errors import ConfigError
 
-METHODS = ("task_arithmetic", "ties", "consensus", "dare_linear", "dare_ties")
-TIES_TRIM_SCOPES = ("global", "per_tensor")
+METHODS = MERGE_METHODS
 
 
 def _grid(stop_tenths: int) -> tuple[float, ...]:
