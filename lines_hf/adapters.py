@@ -988,7 +988,7 @@ def read_adapter_folder(
     elif (adapter_dir / ADAPTER_PICKLE_NAME).is_file():
         if not allow_pickle:
             raise UnsafeCheckpointError(
-                f"{adapter_dir} holds only a pickled adapter ({ADAPTER_PICKLE_NAME}); pass allow_pickle=True "
+                f"{adapter_dir} contains only a pickled adapter ({ADAPTER_PICKLE_NAME}); pass allow_pickle=True "
                 "(--allow-pickle) to load it with torch.load(weights_only=True)"
             )
         tensors = load_pickle_safely(adapter_dir / ADAPTER_PICKLE_NAME)

@@ -1,8 +1,8 @@
 """Reading tensors from model folders and writing safetensors shards safely.
 
-Reads parse the safetensors header themselves and copy each tensor (or a flat
-chunk of it) into its own buffer with ``os.pread``, instead of memory-mapping
-the whole file: pages of a mapped file count toward the process's RSS once
+Reads parse the safetensors header here and copy each tensor (or a flat chunk
+of it) into its own buffer with ``os.pread``. They do not memory-map the whole
+file, because pages of a mapped file count toward the process's RSS once
 touched, so a mapped read of a large checkpoint looks as large as the file.
 Writes go to a hidden temporary folder beside the target that is renamed into
 place only when complete.
@@ -124,7 +124,7 @@ def resolve_model_dir(
             raise CheckpointNotFoundError(f"model folder {text!r} is empty: expected config.json and weights")
         return path
     if path.exists():
-        raise CheckpointNotFoundError(f"{text!r} is a file, not a model folder: pass the folder that holds it")
+        raise CheckpointNotFoundError(f"{text!r} is a file, not a model folder: pass the folder that contains it")
     if not looks_like_repo_id(text):
         raise CheckpointNotFoundError(f"model folder {text!r} does not exist: check the path")
 
@@ -474,7 +474,7 @@ class FolderSource(TensorSource):
         if any(p.is_file() for p in pickles):
             if not allow_pickle:
                 raise UnsafeCheckpointError(
-                    f"{folder} holds only pickled weights (pytorch_model.bin). Unpickling can run code; to load "
+                    f"{folder} contains only pickled weights (pytorch_model.bin). Unpickling can run code. To load "
                     "them with torch.load(weights_only=True), which refuses code objects, pass allow_pickle=True "
                     "(--allow-pickle). Better: convert the checkpoint to safetensors."
                 )
@@ -483,7 +483,7 @@ class FolderSource(TensorSource):
 
         if (folder / "adapter_config.json").is_file():
             raise CheckpointNotFoundError(
-                f"{folder} holds a PEFT adapter, not full model weights: pass it as an adapter (--adapter)"
+                f"{folder} contains a PEFT adapter, not full model weights: pass it as an adapter (--adapter)"
             )
         raise CheckpointNotFoundError(
             f"no model weights in {folder}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"
@@ -710,7 +710,7 @@ class ShardWriter:
         self._written += len(payload)
         total = spec.numel * torch_dtype(spec.dtype).itemsize
         if self._written > total:
-            raise RuntimeError(f"ShardWriter got more data than {name!r} holds")
+            raise RuntimeError(f"ShardWriter received more data than tensor {name!r} contains")
         if self._written == total:
             self._position += 1
             self._written = 0

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--base", required=True, help="pre-trained model folder or Hub repo id")
     source = edit.add_mutually_exclusive_group()
     source.add_argument("--finetuned", help="fine-tuned model folder or Hub repo id")
-    source.add_argument("--adapter", help="LoRA adapter folder (holds adapter_config.json)")
+    source.add_argument("--adapter", help="LoRA adapter folder (contains adapter_config.json)")
     edit.add_argument(
         "--merge", action="store_true", help="with --adapter: merge the scaled adapter into the base and save a full model"
     )

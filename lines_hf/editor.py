@@ -177,7 +177,7 @@ def _check_loading_info(folder: Path, class_name: str, info: Mapping[str, Any]) 
             problems.append(f"{len(names)} tensor(s) {label}: {shown}")
     if problems:
         raise TensorMismatchError(
-            f"loading {folder} as {class_name} found " + "; ".join(problems) + ". Check that the folder holds a "
+            f"loading {folder} as {class_name} found " + "; ".join(problems) + ". Check that the folder contains a "
             "complete checkpoint of this architecture (the streaming CLI, lines-hf edit, reports the same)."
         )
 
@@ -189,7 +189,7 @@ def _model_config_dict(model: "PreTrainedModel") -> dict[str, Any]:
 class LiNeSEditor:
     """Apply LiNeS to fine-tuned models, adapters and merges.
 
-    Every method is a class or static method: the editor holds no state, and its
+    Every method is a class or static method: the editor keeps no state, and its
     outputs (models, folders) carry their own ``lines_config`` and record.
     """
 
@@ -222,7 +222,7 @@ class LiNeSEditor:
             config: a ``LiNeSConfig`` (or a dict of its fields); keyword arguments
                 such as ``alpha=0.5`` override its fields.
             revision, base_revision: Hub revisions of the fine-tune and the base.
-            token: Hub token; ``None`` uses the one huggingface_hub knows.
+            token: Hub token; ``None`` uses the token that huggingface_hub has stored.
             trust_remote_code: allow models whose config needs custom code.
             allow_pickle: allow ``pytorch_model.bin`` checkpoints, loaded with
                 ``weights_only=True``.
@@ -553,7 +553,7 @@ class LiNeSEditor:
 
 
 def _hub_repo_has_adapter(repo_id: str) -> bool:
-    """Return true if Hub repo ``repo_id`` holds ``adapter_config.json``, checking the local cache first."""
+    """Return true if Hub repo ``repo_id`` contains ``adapter_config.json``, checking the local cache first."""
     from huggingface_hub import constants, file_exists, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -2,8 +2,8 @@
 
 Pure functions over tensor names and config dicts: nothing here reads files or
 imports transformers. A *stack* is a sequence of transformer blocks run in
-forward order (a decoder, T5's encoder, CLIP's vision tower); it is named by the
-text of a tensor name up to the block number, for example ``encoder.block``.
+forward order, such as a decoder, T5's encoder or CLIP's vision tower. Its name
+is the text of a tensor name up to the block number, for example ``encoder.block``.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def _adapter_weights_name(folder: Path) -> str:
 def folder_sources(
     folders: Sequence[str | os.PathLike], base: TensorSource, *, allow_pickle: bool = False
 ) -> list[TensorSource]:
-    """Open each folder as a ``FolderSource``, or as a ``LoraSource`` when it holds a LoRA adapter."""
+    """Open each folder as a ``FolderSource``, or as a ``LoraSource`` when it contains a LoRA adapter."""
     from .adapters import is_adapter_folder
 
     return [

@@ -19,7 +19,7 @@ from .schedule import linear_scale
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 
-# Why a tensor gets the action it gets; recorded in dry runs and lines_config.json.
+# Reasons for a tensor's action, recorded in dry runs and lines_config.json.
 LOG = logging.getLogger(__name__)
 
 REASON_BLOCK = "block"
@@ -51,7 +51,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class TensorAction:
-    """What happens to one output tensor.
+    """The action planned for one output tensor.
 
     ``scale`` is ``None`` when the tensor has no task vector and is copied from
     the fine-tune unchanged (a new head, an integer buffer). Otherwise the output

@@ -394,7 +394,7 @@ def finetune_cached(
 
     Args:
         task: the task name (a key of ``TASKS``, or any label for custom ``data``).
-        cache_root: the folder that holds every cached fine-tune.
+        cache_root: the folder that contains every cached fine-tune.
         data: the splits to train on (``train`` is used); default ``load_task(task)``.
         base_model: folder of the pre-trained encoder; default the bundled MiniLM.
         settings: training settings; default ``FinetuneSettings()``.

@@ -61,7 +61,8 @@ def test_shape_mismatch_names_tensor_and_shapes(pair, tmp_path):
     with pytest.raises(TensorMismatchError) as info:
         edit(base_dir, tuned_dir, tmp_path / "out")
     assert "bert.pooler.dense.weight" in str(info.value)
-    assert "[32, 31]" in str(info.value) and "[32, 32]" in str(info.value)
+    assert "[32, 31]" in str(info.value)
+    assert "[32, 32]" in str(info.value)
     assert leftovers(tmp_path) == []
 
 
@@ -77,7 +78,8 @@ def test_dtype_mismatch_suggests_out_dtype(pair, tmp_path):
     rewrite(tuned_dir, lambda t: t.update({"bert.pooler.dense.weight": t["bert.pooler.dense.weight"].half()}))
     with pytest.raises(TensorMismatchError, match="--out-dtype") as info:
         edit(base_dir, tuned_dir, tmp_path / "out")
-    assert "float16" in str(info.value) and "float32" in str(info.value)
+    assert "float16" in str(info.value)
+    assert "float32" in str(info.value)
     # With an explicit output dtype both sides are computed in float32.
     out = edit(base_dir, tuned_dir, tmp_path / "out", out_dtype="float32")
     assert load_file(out / "model.safetensors")["bert.pooler.dense.weight"].dtype == torch.float32

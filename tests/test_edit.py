@@ -99,7 +99,8 @@ def test_cli_and_memory_identical(tmp_path, arch):
         assert torch.equal(tensor, memory[name]), name
     assert (out / "config.json").is_file()
     record = json.loads((out / "lines_config.json").read_text())
-    assert record["alpha"] == 0.25 and record["beta"] == 0.5
+    assert record["alpha"] == 0.25
+    assert record["beta"] == 0.5
     assert record["resolved"]["kind"] == "edit"
     assert (out / "README.md").is_file()
 

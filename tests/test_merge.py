@@ -323,7 +323,8 @@ def test_lora_adapters_merge_in_weight_space(tmp_path):
     base.save_pretrained(tmp_path / "base")
     first = _save_lora(tmp_path / "lora0", base, 1, r=4, lora_alpha=8, rank_pattern={"layer.1.attention.self.query": 2})
     second = _save_lora(tmp_path / "lora1", base, 2, r=2, lora_alpha=4, use_rslora=True)
-    assert len(first) > 6 and set(first) == set(second)
+    assert len(first) > 6
+    assert set(first) == set(second)
 
     out = merge_folders(
         [tmp_path / "lora0", tmp_path / "lora1"], tmp_path / "base", tmp_path / "out",

@@ -107,7 +107,8 @@ def test_dare_uniform_independent_of_chunking():
     cuts = [0, 5, DARE_BLOCK_ELEMENTS - 1, DARE_BLOCK_ELEMENTS + 17, total]
     pieces = torch.cat([dare_uniform(key, a, b - a) for a, b in zip(cuts, cuts[1:])])
     assert torch.equal(whole, pieces)
-    assert 0.0 <= whole.min().item() and whole.max().item() < 1.0
+    assert 0.0 <= whole.min().item()
+    assert whole.max().item() < 1.0
 
 
 def test_dare_keys_differ_by_seed_task_and_name():
