@@ -36,11 +36,11 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .config import CONFIG_NAME, LiNeSConfig
 from .errors import OutputPathError
+from .plot import PLOT_NAME, ScalePlot, draw_scales
 
 LOG = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-PLOT_NAME = "lines_scales.png"
 PAPER_URL = "https://arxiv.org/abs/2410.17146"
 PAPER_TITLE = "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging"
 FINETUNED_CARD_HEADING = "Card of the fine-tuned model"
@@ -603,54 +603,12 @@ def build_model_card(
 # --------------------------------------------------------------------------- files
 
 
-def plot_scales(record: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
-    """Draw the scale of every block against its depth and save it as a PNG at ``path``.
-
-    One line per stack (x: block index, y: scale), and a dashed line for the
-    scale of tensors outside every block. Uses matplotlib's Agg canvas directly,
-    so the caller's pyplot backend is left alone. Returns ``None`` (and logs a
-    warning) when matplotlib is not installed or the record lists no blocks.
-    """
-    stacks = record.get("stacks") or {}
-    if not any(info.get("scales") for info in stacks.values()):
-        return None
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        LOG.warning(
-            "matplotlib is not installed, so the model card has no scale plot. "
-            "Install it with `pip install matplotlib` (or `lines_hf[eval]`)."
-        )
-        return None
-
-    figure = Figure(figsize=(6.0, 3.6), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name, info in stacks.items():
-        scales = info.get("scales") or []
-        axes.plot(range(len(scales)), scales, marker="o", label=name)
-    if record.get("non_block_scale") is not None:
-        axes.axhline(float(record["non_block_scale"]), linestyle="--", color="grey", label="outside blocks")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("block (0 = closest to the input)")
-    axes.set_ylabel("scale of the task vector")
-    axes.set_title(f"LiNeS: alpha = {_number(record.get('alpha'))}, beta = {_number(record.get('beta'))}")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
-
-
 def write_model_card(
     folder: str | os.PathLike,
     config: LiNeSConfig,
     record: Mapping[str, Any],
     finetuned_card: CardSource | Sequence[CardSource] | None = None,
+    plot: ScalePlot | None = None,
 ) -> Path:
     """Write ``README.md`` and ``lines_scales.png`` into an output folder.
 
@@ -663,6 +621,8 @@ def write_model_card(
             ``README.md`` already in ``folder`` (copied from the fine-tune) is
             used, unless it is a LiNeS card. A card that is only the unfilled
             template PEFT writes is skipped in either case.
+        plot: a ``ScalePlot`` started earlier into ``folder``; the card links
+            what it produced. When ``None``, the plot is drawn here.
 
     Returns:
         The path of ``README.md``.
@@ -691,8 +651,8 @@ def write_model_card(
             if card is not None and not _is_unfilled_template(card):
                 cards.append((names[index] if index < len(names) else None, card))
 
-    plot = plot_scales(record, folder / PLOT_NAME)
-    card = build_model_card(config, record, cards, plot_name=plot.name if plot else None)
+    plot_path = plot.result() if plot is not None else draw_scales(record, folder / PLOT_NAME)
+    card = build_model_card(config, record, cards, plot_name=plot_path.name if plot_path else None)
     readme.write_text(str(card), encoding="utf-8")
     LOG.info("Wrote the model card %s", readme)
     return readme

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
@@ -633,6 +634,79 @@ def parse_shard_size(value: int | str) -> int:
     return size
 
 
+class _WriteThread:
+    """Runs file operations in one background thread, in the order they were submitted.
+
+    A streaming edit computes chunk n + 1 while this thread writes chunk n.
+    Writing a 2 GB output into the page cache took about 1 s of a 5 s edit on
+    the benchmark machine, time that now overlaps the arithmetic. Chunks come
+    in buffers that their producer reuses, so ``write`` first copies each into
+    one of a few pooled buffers; when all are in flight, it waits (at most
+    ``_POOL_SIZE`` chunks are queued, so memory stays bounded). The first error
+    of an operation is raised again by the next call from the caller's thread,
+    and every operation after it is skipped.
+    """
+
+    _POOL_SIZE = 3
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self._POOL_SIZE):
+            self._free.put(bytearray())
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="lines-hf-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            function, args, buffer = task
+            try:
+                if self._error is None and not self._cancelled:
+                    function(*args)
+            except BaseException as error:  # handed to the caller's thread by check()
+                self._error = error
+            finally:
+                if buffer is not None:
+                    self._free.put(buffer)
+
+    def check(self) -> None:
+        """Raise the error of a failed operation, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def call(self, function, *args) -> None:
+        """Run ``function(*args)`` in the thread after everything submitted before."""
+        self.check()
+        self._tasks.put((function, args, None))
+
+    def write(self, handle, payload: memoryview) -> None:
+        """Copy ``payload`` into a pooled buffer and write it to ``handle`` in the thread."""
+        self.check()
+        buffer = self._free.get()
+        if len(buffer) < len(payload):
+            buffer = bytearray(len(payload))
+        view = memoryview(buffer)[: len(payload)]
+        view[:] = payload
+        self._tasks.put((handle.write, (view,), buffer))
+
+    def finish(self) -> None:
+        """Wait for every submitted operation, stop the thread and raise the first error."""
+        self._tasks.put(None)
+        self._thread.join()
+        self.check()
+
+    def cancel(self) -> None:
+        """Skip what is still queued, wait for the running operation and stop the thread."""
+        self._cancelled = True
+        self._tasks.put(None)
+        self._thread.join()
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards in a folder, streaming their data.
 
@@ -669,11 +743,13 @@ class ShardWriter:
         self._position = 0
         self._written = 0  # bytes of the current tensor written so far
         self._handle = None
+        self._opened: list[Any] = []  # every shard handle, closed again by abort()
         self._current_file: str | None = None
+        self._io = _WriteThread()
 
     def _open(self, filename: str) -> None:
         if self._handle is not None:
-            self._handle.close()
+            self._io.call(self._handle.close)
         names = self.split.filename_to_tensors[filename]
         header: dict[str, Any] = {"__metadata__": self._metadata}
         offset = 0
@@ -689,8 +765,8 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
         self._handle = open(self.folder / filename, "wb")
-        self._handle.write(struct.pack("<Q", len(raw)))
-        self._handle.write(raw)
+        self._opened.append(self._handle)
+        self._io.call(self._handle.write, struct.pack("<Q", len(raw)) + raw)
         self._current_file = filename
 
     def write(self, name: str, data: torch.Tensor) -> None:
@@ -706,7 +782,7 @@ class ShardWriter:
             raise RuntimeError(f"ShardWriter got {data.dtype} for {name!r}, which is declared {spec.dtype}")
         payload = _tensor_bytes(data)
         assert self._handle is not None
-        self._handle.write(payload)
+        self._io.write(self._handle, payload)
         self._written += len(payload)
         total = spec.numel * torch_dtype(spec.dtype).itemsize
         if self._written > total:
@@ -731,8 +807,9 @@ class ShardWriter:
         if self._position != len(self._order):
             raise RuntimeError(f"ShardWriter closed before tensor {self._order[self._position]!r} was written")
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            self._io.call(self._handle.close)
+        self._io.finish()
+        self._handle = None
         files = list(self.split.filename_to_tensors)
         if self.split.is_sharded:
             stem = self.weights_name
@@ -744,9 +821,11 @@ class ShardWriter:
         return files
 
     def abort(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Stop writing and close the open shard; the caller removes the folder."""
+        self._io.cancel()
+        for handle in self._opened:
+            handle.close()
+        self._handle = None
 
 
 def copy_non_weight_files(source: str | os.PathLike, destination: str | os.PathLike) -> list[str]:

@@ -34,6 +34,7 @@ from .config import LiNeSConfig
 from .engine import MemorySink, run_edit
 from .errors import CheckpointNotFoundError, ConfigError, TensorMismatchError
 from .plan import EditPlan, TensorSpec, build_plan, check_same_architecture
+from .plot import PLOT_NAME, ScalePlot
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -487,10 +488,13 @@ class LiNeSEditor:
                 command=command or python_call("edit_folder", finetuned, base_model, config),
             )
 
-            with atomic_output_dir(output, [finetuned_dir, base_dir], overwrite=overwrite) as temp:
+            with (
+                atomic_output_dir(output, [finetuned_dir, base_dir], overwrite=overwrite) as temp,
+                ScalePlot(record, temp / PLOT_NAME) as plot,
+            ):
                 copy_non_weight_files(finetuned_dir, temp)
                 write_plan_shards(plan, base_source, finetuned_source, temp, config, max_shard_size, progress)
-                _finish_folder(temp, config, record, _read_text(finetuned_dir / "README.md"))
+                _finish_folder(temp, config, record, _read_text(finetuned_dir / "README.md"), plot=plot)
         finally:
             finetuned_source.close()
             base_source.close()
@@ -652,11 +656,17 @@ def set_config_dtype(path: Path, dtype: str) -> None:
         handle.write("\n")
 
 
-def _finish_folder(folder: Path, config: LiNeSConfig, record: dict[str, Any], finetuned_card: str | None) -> None:
+def _finish_folder(
+    folder: Path,
+    config: LiNeSConfig,
+    record: dict[str, Any],
+    finetuned_card: str | None,
+    plot: ScalePlot | None = None,
+) -> None:
     from .card import write_model_card
 
     config.save_pretrained(folder, resolved=record)
-    write_model_card(folder, config, record, finetuned_card=finetuned_card)
+    write_model_card(folder, config, record, finetuned_card=finetuned_card, plot=plot)
 
 
 def _read_text(path: Path) -> str | None:

@@ -9,9 +9,11 @@ edit and a merge.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Protocol
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
 
 import torch
 
@@ -27,7 +29,7 @@ LOG = logging.getLogger(__name__)
 # with 4Mi-element ones.
 DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 
-# Workspace buffers of the edit producer; apply_scale uses 0 and 1.
+# Workspace buffers of the edit producer; apply_scale uses 0, 1 and 4.
 _TUNED_BUFFER = 2
 _BASE_BUFFER = 3
 
@@ -36,7 +38,11 @@ ChunkProducer = Callable[[TensorAction, int, int], torch.Tensor]
 
 class TensorSink(Protocol):
     def write(self, name: str, data: torch.Tensor) -> None:
-        """Receive the next flat chunk of tensor ``name``."""
+        """Receive the next flat chunk of tensor ``name``.
+
+        ``data`` may be a reused buffer of the producer: copy or write it
+        before returning, never keep a reference.
+        """
 
 
 class MemorySink:
@@ -85,21 +91,96 @@ def stream(
     """Produce every tensor of ``actions`` chunk by chunk and write it to ``sink``, in order.
 
     ``produce(action, start, count)`` returns flat elements ``start ..
-    start+count`` of the output tensor, already in ``action.out_dtype``.
-    Progress is shown in output bytes; ``HF_HUB_DISABLE_PROGRESS_BARS=1``
-    silences it, as for huggingface_hub downloads.
+    start+count`` of the output tensor, already in ``action.out_dtype``. A
+    producer with a ``prepare(steps)`` method gets the whole list of
+    ``(action, start, count)`` calls first, as a context manager that lasts the
+    pass, so it can read ahead. Progress is shown in output bytes;
+    ``HF_HUB_DISABLE_PROGRESS_BARS=1`` silences it, as for huggingface_hub
+    downloads.
     """
-    actions = list(actions)
-    total = sum(_nbytes(a) for a in actions)
-    with _progress(total, description, progress) as bar:
-        for action in actions:
-            numel = _numel(action.shape)
-            # An empty tensor still gets one (empty) write, so sinks see every name.
-            for start in range(0, max(numel, 1), chunk_elements):
-                count = min(chunk_elements, numel - start)
-                chunk = produce(action, start, count)
-                sink.write(action.name, chunk)
-                bar.update(count * torch_dtype(action.out_dtype).itemsize)
+    steps = chunk_steps(actions, chunk_elements)
+    total = sum(count * torch_dtype(action.out_dtype).itemsize for action, _, count in steps)
+    prepare = getattr(produce, "prepare", None)
+    with prepare(steps) if prepare is not None else nullcontext(), _progress(total, description, progress) as bar:
+        for action, start, count in steps:
+            chunk = produce(action, start, count)
+            sink.write(action.name, chunk)
+            bar.update(count * torch_dtype(action.out_dtype).itemsize)
+
+
+def chunk_steps(actions: Iterable[TensorAction], chunk_elements: int) -> list[tuple[TensorAction, int, int]]:
+    """Return the ``(action, start, count)`` calls that ``stream`` makes, in order.
+
+    An empty tensor still gets one (empty) call, so sinks see every name.
+    """
+    steps = []
+    for action in actions:
+        numel = _numel(action.shape)
+        for start in range(0, max(numel, 1), chunk_elements):
+            steps.append((action, start, min(chunk_elements, numel - start)))
+    return steps
+
+
+class ReadAhead:
+    """Reads the chunks of a pass in a background thread, a few steps ahead of their use.
+
+    ``requests`` lists every read of the pass as ``(source, name, start,
+    count)``, in the order ``take`` will ask for them. Each read goes into a
+    buffer of its own from a fixed pool (``slots``), so memory stays bounded. A
+    buffer returns to the pool when ``release`` is called. An error of a read
+    is raised by the ``take`` that asks for it, so errors surface in the same
+    order as without reading ahead. Use it as a context manager: leaving the
+    block stops the thread.
+    """
+
+    def __init__(self, requests: Sequence[tuple[Any, str, int, int]], slots: int = 8) -> None:
+        self._requests = list(requests)
+        self._position = 0
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(slots):
+            self._free.put(Workspace())
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="lines-hf-reader", daemon=True)
+
+    def _run(self) -> None:
+        for source, name, start, count in self._requests:
+            slot = self._free.get()
+            if self._stopped:
+                return
+            try:
+                data = read_into(source, name, start, count, slot, 0)
+            except BaseException as error:  # raised again by take()
+                self._ready.put((None, error))
+                return
+            self._ready.put((slot, data))
+
+    def take(self, source: Any, name: str, start: int, count: int) -> tuple[Workspace, torch.Tensor]:
+        """Return the slot and data of the next read, which must be ``(source, name, start, count)``."""
+        expected = self._requests[self._position]
+        if expected != (source, name, start, count):
+            raise RuntimeError(
+                f"read-ahead out of step: asked for {name!r} [{start}, +{count}), planned {expected[1]!r} "
+                f"[{expected[2]}, +{expected[3]})"
+            )
+        self._position += 1
+        slot, data = self._ready.get()
+        if slot is None:
+            raise data
+        return slot, data
+
+    def release(self, slot: Workspace) -> None:
+        """Give a slot back to the pool; its data must no longer be used."""
+        self._free.put(slot)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stopped = True
+        self._free.put(Workspace())  # wakes the thread if it waits for a slot
+        self._thread.join()
 
 
 def edit_producer(base, finetuned, *, allow_non_finite: bool = False) -> ChunkProducer:
@@ -107,34 +188,75 @@ def edit_producer(base, finetuned, *, allow_non_finite: bool = False) -> ChunkPr
 
     ``base`` and ``finetuned`` are ``TensorSource`` objects. Tensors with a scale
     get ``base + scale * (finetuned - base)``; tensors without one are copied
-    from the fine-tune. Inputs are read into buffers reused from chunk to
-    chunk, and every returned chunk is a new tensor.
+    from the fine-tune. Inputs and results live in buffers reused from chunk
+    to chunk, so a returned chunk is valid only until the next call; every sink
+    copies or writes it at once. Inside ``stream`` the inputs are read one
+    chunk ahead by a ``ReadAhead`` thread.
     """
-    workspace = Workspace()
+    return _EditProducer(base, finetuned, allow_non_finite)
 
-    def produce(action: TensorAction, start: int, count: int) -> torch.Tensor:
-        out_dtype = torch_dtype(action.out_dtype)
+
+class _EditProducer:
+    def __init__(self, base, finetuned, allow_non_finite: bool) -> None:
+        self.base = base
+        self.finetuned = finetuned
+        self.allow_non_finite = allow_non_finite
+        self.workspace = Workspace()
+        self.read_ahead: ReadAhead | None = None
+        self.held: list[Workspace] = []  # read-ahead slots of the previous chunk
+
+    def reads(self, action: TensorAction, start: int, count: int) -> list[tuple[Any, str, int, int]]:
+        """Return the reads of one chunk, in the order ``__call__`` makes them."""
         if action.scale is None:
-            return finetuned.read_flat(action.name, start, count).to(out_dtype)
+            return [(self.finetuned, action.name, start, count)]
         assert action.base_name is not None
-        tuned = _read_into(finetuned, action.name, start, count, workspace, _TUNED_BUFFER)
-        # Rows past the base's (new vocabulary rows) have no base value: copy them.
+        # Rows past the base's (new vocabulary rows) have no base value: they are copied.
         shared = count if action.base_rows is None else _shared_elements(action, start, count)
-        original = _read_into(base, action.base_name, start, shared, workspace, _BASE_BUFFER)
+        return [(self.finetuned, action.name, start, count), (self.base, action.base_name, start, shared)]
+
+    @contextmanager
+    def prepare(self, steps: Sequence[tuple[TensorAction, int, int]]) -> Iterator[None]:
+        requests = [read for step in steps for read in self.reads(*step)]
+        with ReadAhead(requests) as self.read_ahead:
+            try:
+                yield
+            finally:
+                self.read_ahead = None
+                self.held = []
+
+    def _read(self, source, name: str, start: int, count: int, index: int) -> torch.Tensor:
+        if self.read_ahead is None:
+            return read_into(source, name, start, count, self.workspace, index)
+        slot, data = self.read_ahead.take(source, name, start, count)
+        self.held.append(slot)
+        return data
+
+    def __call__(self, action: TensorAction, start: int, count: int) -> torch.Tensor:
+        # The previous chunk's inputs may back its result (a copied tensor), which
+        # the sink has consumed by now: only then go their slots back to the pool.
+        if self.read_ahead is not None:
+            for slot in self.held:
+                self.read_ahead.release(slot)
+        self.held = []
+        out_dtype = torch_dtype(action.out_dtype)
+        (tuned_read, *base_read) = self.reads(action, start, count)
+        tuned = self._read(*tuned_read, index=_TUNED_BUFFER)
+        if action.scale is None:
+            return tuned.to(out_dtype)
+        (_, base_name, _, shared), = base_read
+        original = self._read(self.base, base_name, start, shared, index=_BASE_BUFFER)
         edited = apply_scale(
             original,
             tuned[:shared],
             action.scale,
             out_dtype,
             name=action.name,
-            allow_non_finite=allow_non_finite,
-            workspace=workspace,
+            allow_non_finite=self.allow_non_finite,
+            workspace=self.workspace,
         )
         if shared == count:
             return edited
         return torch.cat([edited, tuned[shared:].to(out_dtype)])
-
-    return produce
 
 
 def run_edit(plan: EditPlan, base, finetuned, sink: TensorSink, **kwargs) -> None:
@@ -167,7 +289,7 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _read_into(source, name: str, start: int, count: int, workspace: Workspace, index: int) -> torch.Tensor:
+def read_into(source, name: str, start: int, count: int, workspace: Workspace, index: int) -> torch.Tensor:
     # Sources that are not TensorSource subclasses may lack read_flat_into.
     reader = getattr(source, "read_flat_into", None)
     if reader is None:
@@ -186,7 +308,3 @@ def _numel(shape) -> int:
     for size in shape:
         count *= size
     return count
-
-
-def _nbytes(action: TensorAction) -> int:
-    return _numel(action.shape) * torch_dtype(action.out_dtype).itemsize

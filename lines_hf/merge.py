@@ -36,7 +36,7 @@ from .config import HEAD_POLICIES  # noqa: F401 (re-exported)
 
 from .checkpoint import FolderSource, TensorSource
 from .config import LiNeSConfig
-from .engine import ChunkProducer, TensorSink, stream
+from .engine import ChunkProducer, TensorSink, read_into, stream
 from .errors import ArchitectureMismatchError, CheckpointNotFoundError, ConfigError
 from .layers import compile_layer_pattern, find_block
 # LoraInput is not used here; it is imported so that lines_hf.merge.LoraInput still works.
@@ -65,7 +65,7 @@ from .plan import (
     build_plan,
 )
 from .plan import check_same_architecture
-from .task_vector import check_finite, scale_delta, torch_dtype
+from .task_vector import Workspace, check_finite, scale_delta, torch_dtype
 
 if TYPE_CHECKING:
     from .selection import GridSearchResult
@@ -91,6 +91,14 @@ MAX_SAMPLES = 4 * 1024 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 
 HEADS_DIR = "heads"
+
+# Workspace buffers of Merger._read and the per-tensor threshold
+# (MergeInput.task_vector_flat reads into buffer 1).
+_BASE_READ = 0
+_BASE_WIDE = 2
+_BASE_STORED = 5
+_TASK_VECTORS = 6
+_MAGNITUDES = 7
 
 class Merger:
     """The merged task vector of several fine-tunes, produced chunk by chunk.
@@ -153,6 +161,8 @@ class Merger:
         self._thresholds: dict[str, torch.Tensor] = {}
         self._global_thresholds: torch.Tensor | None = None
         self._cache: tuple[str, int, torch.Tensor, torch.Tensor] | None = None
+        self._workspace = Workspace()
+        self._base_dtypes = {spec.name: spec.dtype for spec in base.specs()}
         self.norms: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ checks
@@ -199,18 +209,34 @@ class Merger:
     # ------------------------------------------------------------------ reading
 
     def _read(self, action: TensorAction, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the base chunk (stored dtype) and the stacked float32 task vectors ``(T, n)``."""
+        """Return the base chunk (stored dtype) and the stacked float32 task vectors ``(T, n)``.
+
+        Both live in workspace buffers that the next read that misses the cache
+        overwrites. A read longer than one chunk (a whole tensor for per-tensor
+        TIES) is filled one chunk at a time, so each conversion and subtraction
+        works on data still in the CPU cache.
+        """
         if self._cache is not None and self._cache[0] == action.name:
             _, cached_start, base_chunk, taus = self._cache
             offset = start - cached_start
             if 0 <= offset and offset + count <= base_chunk.numel():
-                return base_chunk[offset : offset + count], taus[:, offset : offset + count].contiguous()
+                return base_chunk[offset : offset + count], taus[:, offset : offset + count]
         assert action.base_name is not None
-        base_chunk = self.base.read_flat(action.base_name, start, count)
-        base_wide = base_chunk.to(torch.float32)
-        taus = torch.empty((len(self.inputs), base_chunk.numel()), dtype=torch.float32)
-        for row, merge_input in enumerate(self.inputs):
-            merge_input.task_vector_flat(action.base_name, base_wide, start, count, taus[row])
+        self._cache = None
+        count = max(0, min(count, _numel(action.shape) - start))
+        workspace = self._workspace
+        base_chunk = workspace.buffer(_BASE_STORED, count, torch_dtype(self._base_dtypes[action.base_name]))
+        taus = workspace.buffer(_TASK_VECTORS, len(self.inputs) * count, torch.float32).view(len(self.inputs), count)
+        for offset in range(0, count, self.chunk_elements):
+            piece = min(self.chunk_elements, count - offset)
+            stored = read_into(self.base, action.base_name, start + offset, piece, workspace, _BASE_READ)
+            base_chunk[offset : offset + piece].copy_(stored)
+            base_wide = workspace.buffer(_BASE_WIDE, piece, torch.float32).copy_(stored)
+            for row, merge_input in enumerate(self.inputs):
+                merge_input.task_vector_flat(
+                    action.base_name, base_wide, start + offset, piece, taus[row, offset : offset + piece],
+                    workspace=workspace,
+                )
         # A sum is finite only if every entry is (barring overflow), so the
         # full check runs only when the cheap one fails.
         if not self.config.allow_non_finite and not bool(torch.isfinite(taus.sum())):
@@ -297,7 +323,8 @@ class Merger:
             # from this cached read instead of being read again.
             _, taus = self._read(action, 0, numel)
             rank = threshold_rank(numel, self.method.density)
-            values = [kth_smallest_magnitude(taus[row], rank) for row in range(taus.shape[0])]
+            scratch = self._workspace.buffer(_MAGNITUDES, numel, torch.float32)
+            values = [kth_smallest_magnitude(taus[row], rank, scratch=scratch) for row in range(taus.shape[0])]
             result = torch.tensor(values, dtype=torch.float32)
         else:
             result = self._select_thresholds([action])
@@ -532,6 +559,27 @@ def resolve_method(method: str | MergeMethod, **params: Any) -> MergeMethod:
     return MergeMethod(name=method, **{k: v for k, v in params.items() if v is not None})
 
 
+def warn_about_inputs(keys: Sequence[Any], names: Sequence[str]) -> None:
+    """Warn when a merge has one input, or the same input twice (equal ``keys``)."""
+    if len(keys) == 1:
+        LOG.warning(
+            "Merging a single model (%s). This is a LiNeS edit of that model; `lines-hf edit` "
+            "(LiNeSEditor.from_pretrained) does it with alpha and beta given directly.",
+            names[0],
+        )
+    first: dict[Any, str] = {}
+    for key, name in zip(keys, names):
+        if key in first:
+            LOG.warning(
+                "%s is given twice (also as %s), so its task vector counts twice in the merge. "
+                "Pass each fine-tune once unless that weighting is intended.",
+                name,
+                first[key],
+            )
+        else:
+            first[key] = name
+
+
 def merge_record(
     merger: Merger,
     plan: EditPlan,
@@ -756,6 +804,7 @@ def merge_folders(
     )
     from .editor import _finish_folder, _read_text, describe_input, set_config_dtype
     from .plan import TensorSpec
+    from .plot import PLOT_NAME, ScalePlot
 
     if heads not in HEAD_POLICIES:
         raise ConfigError(f"heads must be one of {', '.join(HEAD_POLICIES)}, got {heads!r}")
@@ -766,6 +815,7 @@ def merge_folders(
 
     base_dir = resolve_model_dir(base_model)
     finetuned_dirs = [resolve_model_dir(folder) for folder in finetuned]
+    warn_about_inputs([os.path.realpath(d) for d in finetuned_dirs], [os.fspath(f) for f in finetuned])
     base_source = FolderSource(base_dir, allow_pickle=allow_pickle)
     sources = folder_sources(finetuned_dirs, base_source, allow_pickle=allow_pickle)
     try:
@@ -794,7 +844,10 @@ def merge_folders(
         )
 
         full_dirs = [d for d, source in zip(finetuned_dirs, sources) if not isinstance(source, LoraSource)]
-        with atomic_output_dir(output, [base_dir, *finetuned_dirs], overwrite=overwrite) as temp:
+        with (
+            atomic_output_dir(output, [base_dir, *finetuned_dirs], overwrite=overwrite) as temp,
+            ScalePlot(plan.summary(), temp / PLOT_NAME) as plot,
+        ):
             # Config and tokenizer come from the first full fine-tune; a merge of
             # adapters only takes them from the base model.
             copy_non_weight_files(full_dirs[0] if full_dirs else base_dir, temp)
@@ -828,7 +881,7 @@ def merge_folders(
                 heads={"policy": heads, "folders": written_heads},
             )
             card_source = full_dirs[0] if full_dirs else base_dir
-            _finish_folder(temp, record_config, record, _read_text(card_source / "README.md"))
+            _finish_folder(temp, record_config, record, _read_text(card_source / "README.md"), plot=plot)
     finally:
         base_source.close()
         for source in sources:
@@ -903,6 +956,10 @@ def merge_models(
     merge_method = resolve_method(method, **method_params)
     if not finetuned:
         raise ConfigError("a merge needs at least one fine-tuned model")
+    warn_about_inputs(
+        [os.path.realpath(f) if isinstance(f, (str, os.PathLike)) else id(f) for f in finetuned],
+        [os.fspath(f) if isinstance(f, (str, os.PathLike)) else f"model {i}" for i, f in enumerate(finetuned)],
+    )
     load = dict(revision=None, token=None, cache_dir=None, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
     base = base_model if _is_model(base_model) else _load_folder_model(base_model, **load)[0]

@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FolderSource, TensorSource
+from .engine import read_into
 from .errors import ArchitectureMismatchError, CheckpointNotFoundError, UnsupportedAdapterError
 from .layers import align_names
 from .plan import TensorSpec
+from .task_vector import Workspace
+
+# Workspace buffer that MergeInput.task_vector_flat reads the fine-tune into.
+_TUNED_READ = 1
 
 
 @dataclass
@@ -34,10 +39,24 @@ class MergeInput:
     heads: list[str] = field(default_factory=list)
 
     def task_vector_flat(
-        self, base_name: str, base_chunk: torch.Tensor, start: int, count: int, out: torch.Tensor
+        self,
+        base_name: str,
+        base_chunk: torch.Tensor,
+        start: int,
+        count: int,
+        out: torch.Tensor,
+        *,
+        workspace: Workspace | None = None,
     ) -> None:
-        """Write the float32 task vector of flat elements ``start .. start+count`` of ``base_name`` into ``out``."""
-        tuned = self.source.read_flat(self.name_map[base_name], start, count)
+        """Write the float32 task vector of flat elements ``start .. start+count`` of ``base_name`` into ``out``.
+
+        With a ``workspace``, the fine-tuned chunk is read into its buffer 1.
+        """
+        name = self.name_map[base_name]
+        if workspace is None:
+            tuned = self.source.read_flat(name, start, count)
+        else:
+            tuned = read_into(self.source, name, start, count, workspace, _TUNED_READ)
         # Converting first and subtracting in float32 is several times faster
         # in torch on CPU than one mixed-dtype subtraction.
         out.copy_(tuned).sub_(base_chunk)
@@ -206,7 +225,14 @@ class LoraInput(MergeInput):
         self._shapes = {spec.name: spec.shape for spec in base_specs}
 
     def task_vector_flat(
-        self, base_name: str, base_chunk: torch.Tensor, start: int, count: int, out: torch.Tensor
+        self,
+        base_name: str,
+        base_chunk: torch.Tensor,
+        start: int,
+        count: int,
+        out: torch.Tensor,
+        *,
+        workspace: Workspace | None = None,
     ) -> None:
         assert isinstance(self.source, LoraSource)
         out.copy_(self.source.delta_flat(base_name, self._shapes[base_name], start, count))

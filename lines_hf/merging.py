@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import MERGE_METHODS, TIES_TRIM_SCOPES  # noqa: F401 (re-exported)
@@ -64,9 +65,11 @@ REFERENCE_GRIDS: dict[str, tuple[float, ...]] = {
 # from its own generator, so every chunking of a tensor gets the same numbers.
 DARE_BLOCK_ELEMENTS = 1 << 20
 
-# Columns per block of merge_chunk: T rows of this many float32 values stay
-# within a few MB, near the CPU cache.
-BLOCK_COLUMNS = 1 << 18
+# Columns per block of merge_chunk: four rows of this many float32 values
+# (1 MB) and the temporaries of each step stay in the CPU cache. A TIES chunk
+# of 4 x 262,144 values took 2.3 ms in blocks of 65,536 columns, 2.7 ms in
+# blocks of 32,768 and 13.7 ms unblocked (one thread, 2-core VM).
+BLOCK_COLUMNS = 1 << 16
 
 _HIGH_BUCKETS = 1 << 15  # sign bit is 0 for magnitudes, so the high half is < 2**15
 _LOW_BUCKETS = 1 << 16
@@ -290,9 +293,10 @@ class WindowSelect:
         self.window = GrowingBuffer()
 
     def add(self, magnitudes: torch.Tensor) -> None:
-        flat = magnitudes.reshape(-1)
-        self.below += int(torch.count_nonzero(flat < self.low))
-        self.window.append(flat[(flat >= self.low) & (flat <= self.high)])
+        # numpy counts and masks a 2.6e5-element chunk about 2.5 times faster than torch on CPU.
+        flat = magnitudes.reshape(-1).numpy()
+        self.below += int(np.count_nonzero(flat < self.low))
+        self.window.append(torch.from_numpy(flat[(flat >= self.low) & (flat <= self.high)]))
 
     def threshold(self) -> float | None:
         if self.rank == 0:
@@ -304,37 +308,29 @@ class WindowSelect:
         return float(torch.kthvalue(inside, position).values)
 
 
-# Magnitudes per sample when a bracket is drawn from one in-memory tensor.
-SAMPLE_SIZE = 1 << 16
+def kth_smallest_magnitude(values: torch.Tensor, rank: int, *, scratch: torch.Tensor | None = None) -> float:
+    """Return the ``rank``-th smallest ``|values|`` (1-based; 0 for rank 0) of an in-memory tensor.
 
-
-def kth_smallest_magnitude(values: torch.Tensor, rank: int) -> float:
-    """Return the ``rank``-th smallest ``|values|`` (1-based; 0 for rank 0) of an in-memory float32 tensor.
-
-    A bracket from an evenly strided sample narrows the search to a small
-    window, which is verified by counting; if the bracket misses, radix
-    selection gives the exact value instead.
+    The magnitudes are written into ``scratch`` (a float32 or float64 buffer of
+    at least ``values.numel()`` elements, reused by the caller) or into a new
+    tensor, and numpy's introselect (``ndarray.partition``) finds the exact
+    value in place. On 1.2e7 float32 values it took 17 ms here; a sampled
+    bracket with a counting pass in torch took 104 ms and ``torch.kthvalue``
+    305 ms.
     """
-    magnitudes = values.reshape(-1).abs()
-    numel = magnitudes.numel()
+    flat = values.reshape(-1)
+    numel = flat.numel()
     if not 0 <= rank <= numel:
         raise ValueError(f"rank {rank} is outside [0, {numel}]")
     if rank == 0:
         return 0.0
-    if numel <= SAMPLE_SIZE:
-        return float(torch.kthvalue(magnitudes, rank).values)
-
-    low, high = bracket(magnitudes[:: max(1, numel // SAMPLE_SIZE)], rank, numel)
-    window = WindowSelect(low, high, rank)
-    window.add(magnitudes)
-    found = window.threshold()
-    if found is not None:
-        return found
-    select = RadixSelect()
-    select.add_high(magnitudes)
-    if select.finish_high(rank):
-        select.add_low(magnitudes)
-    return select.threshold()
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if scratch is None or scratch.dtype != dtype or scratch.numel() < numel:
+        scratch = torch.empty(numel, dtype=dtype)
+    magnitudes = torch.abs(flat, out=scratch[:numel]) if flat.dtype == dtype else scratch[:numel].copy_(flat).abs_()
+    array = magnitudes.numpy()
+    array.partition(rank - 1)
+    return float(array[rank - 1])
 
 
 def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ import torch
 
 from .errors import NonFiniteError
 
+# Workspace buffers of apply_scale: the task vector, the widened base, the result.
+_DELTA_BUFFER = 0
+_BASE_BUFFER = 1
+_OUT_BUFFER = 4
+
 _DTYPES = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -73,8 +78,8 @@ def apply_scale(
     Works on whole tensors or on matching flat chunks of them. A scale of
     exactly 0 returns ``base`` and exactly 1 returns ``finetuned``, converted to
     ``out_dtype`` only if their dtype differs. With a ``workspace`` (flat
-    inputs only) the compute-dtype copies go into its reused buffers, and the
-    result is always a new tensor, never an input or a workspace buffer.
+    inputs only) every intermediate and the result go into its reused buffers:
+    the result is then a view of workspace buffer 4, valid until the next call.
 
     Raises:
         NonFiniteError: if the task vector has NaN or infinite entries and
@@ -82,8 +87,8 @@ def apply_scale(
     """
     dtype = compute_dtype(base.dtype, finetuned.dtype)
     if workspace is not None:
-        delta = workspace.buffer(0, finetuned.numel(), dtype).copy_(finetuned)
-        base_wide = workspace.buffer(1, base.numel(), dtype).copy_(base)
+        delta = workspace.buffer(_DELTA_BUFFER, finetuned.numel(), dtype).copy_(finetuned)
+        base_wide = workspace.buffer(_BASE_BUFFER, base.numel(), dtype).copy_(base)
         delta.sub_(base_wide)
     else:
         delta = finetuned.to(dtype)
@@ -92,14 +97,15 @@ def apply_scale(
     if not allow_non_finite:
         check_finite(delta, name)
 
-    copy = workspace is not None
     if scale == 0.0:
-        return base.to(out_dtype, copy=copy)
-    if scale == 1.0:
-        return finetuned.to(out_dtype, copy=copy)
-
-    edited = delta.mul_(scale).add_(base_wide)
-    return edited.to(out_dtype, copy=copy)
+        result = base
+    elif scale == 1.0:
+        result = finetuned
+    else:
+        result = delta.mul_(scale).add_(base_wide)
+    if workspace is None:
+        return result.to(out_dtype)
+    return workspace.buffer(_OUT_BUFFER, result.numel(), out_dtype).copy_(result)
 
 
 class Workspace:
@@ -108,19 +114,21 @@ class Workspace:
     A streaming edit computes every chunk in a few float32 buffers. Allocating
     them afresh for each chunk costs a page fault per 4 KiB page, which took
     more time than the arithmetic itself. Buffer ``index`` grows to the largest
-    request and is handed out as a view of its first ``numel`` elements. A view
-    stays valid only until the next request for the same index.
+    request and is handed out as a view of its first ``numel`` elements. Each
+    dtype has its own buffer per index, so a model that mixes dtypes does not
+    reallocate at every switch. A view stays valid only until the next request
+    for the same index and dtype.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def buffer(self, index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Return a flat, uninitialised view of ``numel`` elements of buffer ``index`` in ``dtype``."""
-        current = self._buffers.get(index)
-        if current is None or current.dtype != dtype or current.numel() < numel:
+        current = self._buffers.get((index, dtype))
+        if current is None or current.numel() < numel:
             current = torch.empty(numel, dtype=dtype)
-            self._buffers[index] = current
+            self._buffers[index, dtype] = current
         return current[:numel]
 
 

@@ -19,6 +19,7 @@ from lines_hf.card import (
     write_model_card,
 )
 from lines_hf.config import CONFIG_NAME
+from lines_hf.plot import ScalePlot, draw_scales
 from lines_hf.schedule import linear_scales
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -309,7 +310,7 @@ def test_card_without_matplotlib(tmp_path, monkeypatch, caplog):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
 
-    with caplog.at_level(logging.WARNING, logger="lines_hf.card"):
+    with caplog.at_level(logging.WARNING, logger="lines_hf.plot"):
         write_model_card(tmp_path, LiNeSConfig(alpha=0.2, beta=0.8), make_record())
     card = load_back(tmp_path)
 
@@ -517,3 +518,63 @@ def test_relation_of_merged_adapter():
     assert data["base_model"] == ["org/llama"]
     assert data["base_model_relation"] == "finetune"
     assert data["library_name"] == "transformers"
+
+
+# --------------------------------------------------------------------------- plot in a child process
+
+
+def test_background_plot_equals_plot_drawn_here(tmp_path):
+    record = make_record()
+    (tmp_path / "here").mkdir()
+    (tmp_path / "child").mkdir()
+    draw_scales(record, tmp_path / "here" / PLOT_NAME)
+    with ScalePlot(record, tmp_path / "child" / PLOT_NAME) as plot:
+        assert plot._process is not None  # drawn by a child process, not here
+        path = plot.result()
+    assert path == tmp_path / "child" / PLOT_NAME
+    assert path.read_bytes() == (tmp_path / "here" / PLOT_NAME).read_bytes()
+
+
+def test_card_links_background_plot(tmp_path):
+    record = make_record()
+    with ScalePlot(record, tmp_path / PLOT_NAME) as plot:
+        write_model_card(tmp_path, LiNeSConfig(alpha=0.2, beta=0.8), record, plot=plot)
+    assert (tmp_path / PLOT_NAME).read_bytes()[:8] == PNG_MAGIC
+    assert f"]({PLOT_NAME})" in load_back(tmp_path).text
+
+
+def test_background_plot_failure_costs_only_the_plot(tmp_path, caplog):
+    record = make_record()
+    missing = tmp_path / "no-such-folder" / PLOT_NAME
+    with caplog.at_level(logging.WARNING, logger="lines_hf.plot"), ScalePlot(record, missing) as plot:
+        assert plot.result() is None
+    assert "drawing the scale plot failed (exit status 1)" in caplog.text
+    assert "No such file or directory" in caplog.text
+
+
+def test_background_plot_stopped_on_error(tmp_path):
+    with pytest.raises(KeyboardInterrupt), ScalePlot(make_record(), tmp_path / PLOT_NAME) as plot:
+        process = plot._process
+        raise KeyboardInterrupt
+    assert process.poll() is not None
+    assert not (tmp_path / PLOT_NAME).exists()
+
+
+def test_background_plot_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
+    with caplog.at_level(logging.WARNING, logger="lines_hf.plot"), ScalePlot(make_record(), tmp_path / PLOT_NAME) as plot:
+        assert plot.result() is None
+    assert "matplotlib is not installed" in caplog.text
+    assert not (tmp_path / PLOT_NAME).exists()
+
+
+def test_background_plot_skipped_without_blocks(tmp_path):
+    record = {**make_record(), "stacks": {}}
+    with ScalePlot(record, tmp_path / PLOT_NAME) as plot:
+        assert plot.result() is None
+    assert not (tmp_path / PLOT_NAME).exists()

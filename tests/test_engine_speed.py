@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -32,12 +35,35 @@ def test_workspace_matches_plain_path(dtype, scale):
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 0.37])
-def test_workspace_result_is_new_tensor(scale):
+def test_workspace_result_never_aliases_inputs(scale):
     base, tuned = _pair(torch.float32)
+    base_copy, tuned_copy = base.clone(), tuned.clone()
     workspace = Workspace()
     result = apply_scale(base, tuned, scale, torch.float32, workspace=workspace)
     buffers = [workspace.buffer(i, 1, torch.float32).data_ptr() for i in (0, 1)]
     assert result.data_ptr() not in (base.data_ptr(), tuned.data_ptr(), *buffers)
+    result.fill_(7.0)  # a sink that scribbles on the chunk must not change the inputs
+    assert torch.equal(base, base_copy)
+    assert torch.equal(tuned, tuned_copy)
+
+
+def test_workspace_result_buffer_is_reused():
+    base, tuned = _pair(torch.bfloat16)
+    workspace = Workspace()
+    first = apply_scale(base, tuned, 0.37, torch.bfloat16, workspace=workspace)
+    expected_first = first.clone()
+    second = apply_scale(tuned, base, 0.37, torch.bfloat16, workspace=workspace)
+    assert second.data_ptr() == first.data_ptr()
+    assert not torch.equal(second, expected_first)
+
+
+def test_workspace_keeps_a_buffer_per_dtype():
+    workspace = Workspace()
+    wide = workspace.buffer(4, 10, torch.float32)
+    narrow = workspace.buffer(4, 10, torch.bfloat16)
+    assert workspace.buffer(4, 10, torch.float32).data_ptr() == wide.data_ptr()
+    assert workspace.buffer(4, 5, torch.bfloat16).data_ptr() == narrow.data_ptr()
+    assert workspace.buffer(4, 11, torch.float32).data_ptr() != wide.data_ptr()
 
 
 def test_workspace_equals_float32_formula():
@@ -89,3 +115,80 @@ def test_single_threaded_restores_threads():
         seen.append(torch.get_num_threads())
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+class CountingSource:
+    """A source of flat float32 ranges that records its reads and fails on one name."""
+
+    def __init__(self, fail_on=None):
+        self.reads = []
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def read_flat_into(self, name, start, count, workspace, index):
+        with self.lock:
+            self.reads.append((name, start, count))
+        if name == self.fail_on:
+            raise OSError(f"cannot read {name}")
+        buffer = workspace.buffer(index, count, torch.float32)
+        return torch.arange(start, start + count, dtype=torch.float32, out=buffer)
+
+
+def test_read_ahead_returns_reads_in_order():
+    source = CountingSource()
+    requests = [(source, f"t{i}", 10 * i, 5) for i in range(20)]
+    with engine.ReadAhead(requests, slots=3) as ahead:
+        for _, name, start, count in requests:
+            slot, data = ahead.take(source, name, start, count)
+            assert torch.equal(data, torch.arange(start, start + count, dtype=torch.float32))
+            ahead.release(slot)
+    assert source.reads == [(name, start, count) for _, name, start, count in requests]
+
+
+def test_read_ahead_stays_within_its_slots():
+    source = CountingSource()
+    requests = [(source, f"t{i}", 0, 4) for i in range(10)]
+    with engine.ReadAhead(requests, slots=2) as ahead:
+        held = [ahead.take(*requests[0])[0], ahead.take(*requests[1])[0]]
+        time.sleep(0.2)  # time for the thread to read on, if it could
+        assert len(source.reads) == 2
+        ahead.release(held[0])
+        ahead.take(*requests[2])
+    assert not [t for t in threading.enumerate() if t.name == "lines-hf-reader"]
+
+
+def test_read_ahead_raises_at_the_failing_read():
+    source = CountingSource(fail_on="t3")
+    requests = [(source, f"t{i}", 0, 4) for i in range(6)]
+    with engine.ReadAhead(requests, slots=8) as ahead:
+        for request in requests[:3]:
+            ahead.release(ahead.take(*request)[0])
+        with pytest.raises(OSError, match="cannot read t3"):
+            ahead.take(*requests[3])
+    assert [name for name, _, _ in source.reads] == ["t0", "t1", "t2", "t3"]
+
+
+def test_read_ahead_refuses_a_read_out_of_step():
+    source = CountingSource()
+    requests = [(source, "a", 0, 4), (source, "b", 0, 4)]
+    with engine.ReadAhead(requests) as ahead, pytest.raises(RuntimeError, match="out of step"):
+        ahead.take(source, "b", 0, 4)
+
+
+def test_stream_reads_ahead_and_gives_the_same_bits():
+    """The edit producer reads ahead inside stream; the result equals a producer called directly."""
+    from lines_hf.plan import TensorAction
+
+    generator = torch.Generator().manual_seed(11)
+    base_tensors = {f"w{i}": torch.randn(1000 + i).to(torch.bfloat16) for i in range(5)}
+    tuned_tensors = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=generator)).to(torch.bfloat16)
+                     for k, v in base_tensors.items()}
+    actions = [TensorAction(name=k, base_name=k, shape=tuple(v.shape), dtype="bfloat16", out_dtype="bfloat16",
+                            scale=0.1 * i if i else None, reason="block") for i, (k, v) in enumerate(base_tensors.items())]
+    sink = engine.DictSink(actions)
+    engine.stream(actions, engine.edit_producer(StateDictSource(base_tensors), StateDictSource(tuned_tensors)),
+                  sink, chunk_elements=128, progress=False)
+    direct = engine.edit_producer(StateDictSource(base_tensors), StateDictSource(tuned_tensors))
+    for action in actions:
+        expected = direct(action, 0, action.shape[0]).clone()
+        assert torch.equal(sink.tensors[action.name].view(torch.int16), expected.view(torch.int16))

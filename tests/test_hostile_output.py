@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,49 @@ def test_disk_full_cli_one_line(pair, monkeypatch, capsys):
     assert "No space left on device" in err
     assert str(outputs / "out") in err
     assert "Traceback" not in err
+    assert output_entries(outputs) == []
+
+
+class FillingFile:
+    """A shard file whose writes fail with ENOSPC once ``limit`` bytes were written."""
+
+    def __init__(self, path, limit, seen):
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._limit = limit
+        self._seen = seen
+
+    def write(self, data):
+        self._seen["threads"].add(threading.current_thread().name)
+        self._seen["bytes"] += len(data)
+        if self._seen["bytes"] > self._limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._handle.write(data)
+
+    def close(self):
+        self._handle.close()
+
+
+def test_disk_full_in_the_writer_thread(pair, monkeypatch):
+    """Shard data is written by a background thread; its failure still reaches the caller and cleans up."""
+    import lines_hf.checkpoint as checkpoint
+
+    base_dir, tuned_dir, outputs = pair
+    guard = Guard(base_dir, tuned_dir)
+    seen = {"bytes": 0, "threads": set()}
+    real_open = open
+
+    def shard_open(path, mode="r", **kwargs):
+        if mode == "wb" and str(path).endswith(".safetensors"):
+            return FillingFile(path, 50_000, seen)
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", shard_open, raising=False)
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        edit(base_dir, tuned_dir, outputs / "out")
+    assert seen["threads"] == {"lines-hf-writer"}
+    assert seen["bytes"] > 50_000
+    assert not [t for t in threading.enumerate() if t.name == "lines-hf-writer"]
+    guard.check()
     assert output_entries(outputs) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,33 @@ def test_single_model_merge_equals_edit(tasks, tmp_path, method):
     assert set(edited_weights) - set(merged_weights) == {"classifier.weight", "classifier.bias"}
     for name, tensor in merged_weights.items():
         torch.testing.assert_close(tensor, edited_weights[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_single_model_merge_warns(tasks, tmp_path, caplog):
+    base_dir, tuned_dirs = tasks
+    with caplog.at_level(logging.WARNING, logger="lines_hf.merge"):
+        merge_folders(tuned_dirs[:1], base_dir, tmp_path / "merged", LiNeSConfig(alpha=0.4, beta=0.5), progress=False)
+    assert "Merging a single model" in caplog.text
+    assert "lines-hf edit" in caplog.text
+
+
+def test_duplicate_model_warns(tasks, tmp_path, caplog):
+    base_dir, tuned_dirs = tasks
+    link = tmp_path / "same-model"
+    link.symlink_to(tuned_dirs[0], target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="lines_hf.merge"):
+        merge_folders([tuned_dirs[0], tuned_dirs[1], link], base_dir, tmp_path / "merged",
+                      LiNeSConfig(alpha=0.4, beta=0.5), progress=False)
+    assert f"{link} is given twice (also as {tuned_dirs[0]})" in caplog.text
+    assert "single model" not in caplog.text
+
+
+def test_distinct_models_do_not_warn(tasks, tmp_path, caplog):
+    base_dir, tuned_dirs = tasks
+    with caplog.at_level(logging.WARNING, logger="lines_hf.merge"):
+        merge_folders(tuned_dirs, base_dir, tmp_path / "merged", LiNeSConfig(alpha=0.4, beta=0.5), progress=False)
+    assert "given twice" not in caplog.text
+    assert "single model" not in caplog.text
 
 
 def test_dare_is_reproducible_and_chunk_independent(tasks, tmp_path):

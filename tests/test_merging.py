@@ -32,7 +32,7 @@ def test_threshold_rank_follows_reference():
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5, 0.01, 0.999])
-def test_radix_select_matches_kthvalue(density):
+def test_kth_smallest_magnitude_matches_kthvalue(density):
     values = torch.randn(200_003, generator=torch.Generator().manual_seed(0)) * 1e-3
     rank = threshold_rank(values.numel(), density)
     expected = torch.kthvalue(values.abs(), rank).values.item()
@@ -181,14 +181,16 @@ def test_merge_method_params_and_grids():
     assert REFERENCE_GRIDS["task_arithmetic"] == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def test_kth_falls_back_when_sample_misleads():
-    from lines_hf.merging import SAMPLE_SIZE
-
-    numel = SAMPLE_SIZE * 8
-    values = torch.linspace(1.0, 2.0, numel)
-    values[:: numel // SAMPLE_SIZE] = 0.0  # every sampled position is 0, so the bracket is [0, 0]
-    rank = threshold_rank(numel, 0.2)
-    assert kth_smallest_magnitude(values, rank) == torch.kthvalue(values, rank).values.item()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_with_scratch_leaves_input_alone(dtype):
+    values = (torch.randn(50_001, generator=torch.Generator().manual_seed(3)) * 1e-2).to(dtype)
+    before = values.clone()
+    rank = threshold_rank(values.numel(), 0.2)
+    expected = torch.kthvalue(values.abs().double(), rank).values.item()
+    scratch = torch.empty(60_000, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    assert kth_smallest_magnitude(values, rank, scratch=scratch) == expected
+    assert kth_smallest_magnitude(values, rank) == expected
+    assert torch.equal(values, before)
 
 
 def test_window_select_reports_a_missed_bracket():
