@@ -324,6 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
 
+    if getattr(args, "no_progress", False):
+        # transformers copies this switch when it is imported, and has its own
+        # when it is imported already: both silence its weight-loading bars.
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
     from .errors import LiNeSError
 
     from .hub import check_push_arguments, maybe_push

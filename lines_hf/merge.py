@@ -21,6 +21,7 @@ the top of a folder, so these sub-folders never load by accident;
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -709,6 +710,23 @@ def save_heads(
     return written
 
 
+def set_config_architectures(path: Path, architectures: Sequence[str] | None) -> None:
+    """Name the base model's classes in a merged ``config.json`` whose task heads were left out.
+
+    The config comes from the first fine-tune, whose ``architectures`` names
+    a class with a head (``BertForSequenceClassification``) that the merged
+    weights no longer hold. Without base architectures the key is removed.
+    """
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if architectures:
+        data["architectures"] = list(architectures)
+    else:
+        data.pop("architectures", None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def load_task_model(merged: str | os.PathLike, head: str | os.PathLike, **kwargs: Any):
     """Load a merged backbone with one task's head saved by a merge.
 
@@ -864,6 +882,8 @@ def merge_folders(
                 raise
             if config.out_dtype is not None:
                 set_config_dtype(temp / "config.json", config.out_dtype)
+            if any(merge_input.heads for merge_input in merger.inputs):
+                set_config_architectures(temp / "config.json", (base_source.config or {}).get("architectures"))
             written_heads: dict[str, str] = {}
             if heads == "save":
                 config_files = [d / "config.json" if (d / "config.json").is_file() else None for d in finetuned_dirs]

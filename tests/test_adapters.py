@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -369,6 +372,27 @@ def test_cli_merge_writes_plain_model(tmp_path):
     expected = LiNeSEditor.from_pretrained(model, config=CONFIG, merge=True)
     for name, tensor in expected.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+PROBE_PROGRESS = """
+import sys
+from lines_hf.cli import main
+main(sys.argv[1:])
+import transformers  # imported after the command, as the CLI does lazily
+print("bars", transformers.utils.logging.is_progress_bar_enabled())
+"""
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(["--no-progress"], "bars False"), ([], "bars True")])
+def test_cli_no_progress_reaches_transformers(tmp_path, flag, expected):
+    """--no-progress silences transformers' weight-loading bars too (the adapter --merge path loads a model)."""
+    _, base_dir, adapter_dir = save_adapter_pair(tmp_path)
+    command = [sys.executable, "-c", PROBE_PROGRESS, "edit", "--base", str(base_dir), "--adapter", str(adapter_dir),
+               "--alpha", str(ALPHA), "--beta", str(BETA), "--output", str(tmp_path / "out"), "--dry-run", "--quiet", *flag]
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == expected
 
 
 def test_cli_dry_run_lists_modules(tmp_path, capsys):

@@ -267,6 +267,11 @@ def test_heads_saved_beside_backbone(tasks, tmp_path):
 
     loaded = transformers.AutoModel.from_pretrained(out)
     assert torch.equal(loaded.encoder.layer[0].attention.self.query.weight.detach(), merged["bert.encoder.layer.0.attention.self.query.weight"])
+    # The merged folder holds no head, so its config names the base's classes, not the first task's.
+    base_architectures = json.loads((base_dir / "config.json").read_text())["architectures"]
+    assert base_architectures == ["BertModel"]
+    assert json.loads((out / "config.json").read_text()).get("architectures") == base_architectures
+    assert json.loads((head_dir / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
 
 
 def test_heads_dropped_on_request(tasks, tmp_path):
