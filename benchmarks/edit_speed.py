@@ -103,25 +103,9 @@ def timed_run(tool: str, model: str, command: list[str], log_path: Path) -> RunR
     return RunResult(tool, model, round(wall, 2), round(usage.ru_maxrss / 1024, 1), process.returncode, load)
 
 
-# Runs the lines-hf CLI with editor._is_model and editor._is_peft_model
-# returning False while transformers or peft is not imported yet, because no
-# object of their classes can exist before that. The stock checks import both
-# packages (about 7 s on the benchmark machine) even when the inputs are folders.
-LAZY_IMPORT_CLI = """
-import sys
-import lines_hf.editor as editor
-is_model, is_peft_model = editor._is_model, editor._is_peft_model
-editor._is_model = lambda value: "transformers" in sys.modules and is_model(value)
-editor._is_peft_model = lambda value: "peft" in sys.modules and is_peft_model(value)
-from lines_hf.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def lines_hf_command(args: argparse.Namespace, base: Path, finetuned: Path, output: Path, lazy: bool) -> list[str]:
-    program = [sys.executable, "-c", LAZY_IMPORT_CLI] if lazy else [str(args.lines_hf)]
+def lines_hf_command(args: argparse.Namespace, base: Path, finetuned: Path, output: Path) -> list[str]:
     return [
-        *program, "edit", "--base", str(base), "--finetuned", str(finetuned),
+        str(args.lines_hf), "edit", "--base", str(base), "--finetuned", str(finetuned),
         "--alpha", repr(args.alpha), "--beta", repr(args.beta), "--output", str(output), "--no-progress", "--quiet",
     ]
 
@@ -170,8 +154,8 @@ def time_tools(args: argparse.Namespace, model_dir: Path, tools: list[str], repe
             output = outputs[tool]
             shutil.rmtree(output, ignore_errors=True)
             warm_and_flush([base, finetuned])
-            if tool.startswith("lines_hf"):
-                command = lines_hf_command(args, base, finetuned, output, lazy=tool == "lines_hf_lazy")
+            if tool == "lines_hf":
+                command = lines_hf_command(args, base, finetuned, output)
             else:
                 command = mergekit_command(args, config_path, output)
             result = timed_run(tool, model_dir.name, command, model_dir / f"{tool}.log")
@@ -373,11 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--mergekit-venv", type=Path, default=HERE / "_work" / "mergekit-venv", help="virtual environment with mergekit"
     )
     parser.add_argument(
-        "--lazy-variant",
-        action="store_true",
-        help="also time lines-hf with editor.py's transformers/peft type checks skipped (a proposed fix)",
-    )
-    parser.add_argument(
         "--omp-threads", type=int, help="set OMP_NUM_THREADS for both tools (default: leave their defaults)"
     )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the edited model folders afterwards")
@@ -390,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     OMP_THREADS = args.omp_threads
     args.work.mkdir(parents=True, exist_ok=True)
     tools = ["lines_hf"]
-    if args.lazy_variant:
-        tools.append("lines_hf_lazy")
     if not args.skip_mergekit:
         tools.append("mergekit")
     info = machine_info(args)

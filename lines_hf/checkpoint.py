@@ -641,8 +641,8 @@ class _WriteThread:
     Writing a 2 GB output into the page cache took about 1 s of a 5 s edit on
     the benchmark machine, time that now overlaps the arithmetic. Chunks come
     in buffers that their producer reuses, so ``write`` first copies each into
-    one of a few pooled buffers; when all are in flight, it waits (at most
-    ``_POOL_SIZE`` chunks are queued, so memory stays bounded). The first error
+    one of ``_POOL_SIZE`` pooled buffers. When all of them are in flight, it
+    waits, which keeps memory bounded. The first error
     of an operation is raised again by the next call from the caller's thread,
     and every operation after it is skipped.
     """

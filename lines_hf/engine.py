@@ -127,8 +127,8 @@ class ReadAhead:
     ``requests`` lists every read of the pass as ``(source, name, start,
     count)``, in the order ``take`` will ask for them. Each read goes into a
     buffer of its own from a fixed pool (``slots``), so memory stays bounded. A
-    buffer returns to the pool when ``release`` is called. An error of a read
-    is raised by the ``take`` that asks for it, so errors surface in the same
+    buffer returns to the pool when ``release`` is called. A failed read
+    raises its error from the matching ``take``, so errors surface in the same
     order as without reading ahead. Use it as a context manager: leaving the
     block stops the thread.
     """
@@ -203,7 +203,7 @@ class _EditProducer:
         self.allow_non_finite = allow_non_finite
         self.workspace = Workspace()
         self.read_ahead: ReadAhead | None = None
-        self.held: list[Workspace] = []  # read-ahead slots of the previous chunk
+        self.previous_slots: list[Workspace] = []  # read-ahead slots of the previous chunk
 
     def reads(self, action: TensorAction, start: int, count: int) -> list[tuple[Any, str, int, int]]:
         """Return the reads of one chunk, in the order ``__call__`` makes them."""
@@ -222,22 +222,22 @@ class _EditProducer:
                 yield
             finally:
                 self.read_ahead = None
-                self.held = []
+                self.previous_slots = []
 
     def _read(self, source, name: str, start: int, count: int, index: int) -> torch.Tensor:
         if self.read_ahead is None:
             return read_into(source, name, start, count, self.workspace, index)
         slot, data = self.read_ahead.take(source, name, start, count)
-        self.held.append(slot)
+        self.previous_slots.append(slot)
         return data
 
     def __call__(self, action: TensorAction, start: int, count: int) -> torch.Tensor:
         # The previous chunk's inputs may back its result (a copied tensor), which
         # the sink has consumed by now: only then go their slots back to the pool.
         if self.read_ahead is not None:
-            for slot in self.held:
+            for slot in self.previous_slots:
                 self.read_ahead.release(slot)
-        self.held = []
+        self.previous_slots = []
         out_dtype = torch_dtype(action.out_dtype)
         (tuned_read, *base_read) = self.reads(action, start, count)
         tuned = self._read(*tuned_read, index=_TUNED_BUFFER)

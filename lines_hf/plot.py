@@ -1,10 +1,9 @@
 """The model card's plot of task-vector scale against block depth.
 
 ``draw_scales`` draws it in this process. ``ScalePlot`` draws it in a child
-Python process, so a streaming edit or merge can start the plot before its
-pass over the weights and collect it at the end: importing matplotlib and
-drawing take about 1 s, which then run on another core instead of adding to
-the wall time. This module imports nothing heavy at the top, because the
+Python process, started before a streaming edit's pass over the weights and
+collected at the end. Importing matplotlib and drawing take about 1 s, which
+then runs on another core instead of adding to the wall time. This module imports nothing heavy at the top, because the
 child runs it as ``python -m lines_hf.plot``.
 
 Run as a program: ``python -m lines_hf.plot OUTPUT.png RECORD_JSON``, where
@@ -31,6 +30,9 @@ PLOT_NAME = "lines_scales.png"
 
 # The record fields the plot reads; the child gets only these.
 PLOT_FIELDS = ("stacks", "alpha", "beta", "non_block_scale")
+
+# The interpreter that runs the plot process.
+CHILD_PYTHON = sys.executable
 
 # How long ``ScalePlot.result`` waits for the child before giving up on the plot.
 CHILD_TIMEOUT_S = 300.0
@@ -119,7 +121,7 @@ class ScalePlot:
         self._stderr = tempfile.TemporaryFile()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, os.fspath(self.path), payload],
+                [CHILD_PYTHON, "-m", __name__, os.fspath(self.path), payload],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
@@ -180,7 +182,7 @@ class ScalePlot:
         if exc_type is not None:
             self.cancel()
         elif self._process is not None:
-            # Nobody asked for the plot: wait for it anyway, so no child outlives the caller.
+            # result() was never called: wait for the child anyway, so none outlives the caller.
             self.result()
 
 

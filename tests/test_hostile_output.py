@@ -306,16 +306,26 @@ def slow_pair(tmp_path_factory):
 
 # The edit runs in a child process through the real CLI. Each chunk also sleeps 0.2 s, so the
 # write lasts several seconds whatever the machine's speed and the signal lands mid-write.
+# The card's plot process starts through SLOW_PLOT_PYTHON, which waits 60 s first, so it is
+# still running when the signal lands.
 CHILD = """
-import sys, time
+import os, sys, time
 import lines_hf.engine as engine
+import lines_hf.plot as plot
 real = engine.apply_scale
 def slow(*args, **kwargs):
     time.sleep(0.2)
     return real(*args, **kwargs)
 engine.apply_scale = slow
+plot.CHILD_PYTHON = os.environ["SLOW_PLOT_PYTHON"]
 from lines_hf.cli import main
 sys.exit(main(sys.argv[1:]))
+"""
+
+SLOW_PYTHON = """#!{python}
+import os, sys, time
+time.sleep(60)
+os.execv({python!r}, [{python!r}, *sys.argv[1:]])
 """
 
 
@@ -325,7 +335,10 @@ def test_signal_mid_write(slow_pair, tmp_path, signum):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     guard = Guard(base_dir, tuned_dir)
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(SLOW_PYTHON.format(python=sys.executable))
+    slow_python.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_DISABLE_PROGRESS_BARS="1", SLOW_PLOT_PYTHON=str(slow_python))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, "edit", "--base", str(base_dir), "--finetuned", str(tuned_dir),
          "--alpha", "0.3", "--beta", "0.5", "--output", str(outputs / "out"), "--no-progress"],
@@ -342,6 +355,7 @@ def test_signal_mid_write(slow_pair, tmp_path, signum):
                 break
             time.sleep(0.05)
         assert partial is not None, "the edit never started writing"
+        assert len(plot_processes(outputs)) == 1  # the plot process, still waiting
         child.send_signal(signum)
         _, err = child.communicate(timeout=120)
     finally:
@@ -353,7 +367,27 @@ def test_signal_mid_write(slow_pair, tmp_path, signum):
     assert f"interrupted by signal {int(signum)}" in err
     assert "Traceback" not in err
     assert output_entries(outputs) == []
+    # The card's plot is drawn by a grandchild in a session of its own; the edit stops it on the way out.
+    assert plot_processes(outputs) == []
     guard.check()
+
+
+def plot_processes(outputs):
+    """Return the command lines of running plot processes that write under ``outputs`` (Linux /proc)."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "-m lines_hf.plot " in command and str(outputs) in command:
+            found.append(command)
+    return found
 
 
 def test_completed_output_loads(slow_pair, tmp_path):
