@@ -692,7 +692,7 @@ class _WriteThread:
             buffer = bytearray(len(payload))
         view = memoryview(buffer)[: len(payload)]
         view[:] = payload
-        self._tasks.put((handle.write, (view,), buffer))
+        self._tasks.put((_write_naming_file, (handle, view), buffer))
 
     def finish(self) -> None:
         """Wait for every submitted operation, stop the thread and raise the first error."""
@@ -705,6 +705,16 @@ class _WriteThread:
         self._cancelled = True
         self._tasks.put(None)
         self._thread.join()
+
+
+def _write_naming_file(handle, data: memoryview) -> None:
+    """Write ``data`` to ``handle``; a failure names the file, as ``open`` errors do."""
+    try:
+        handle.write(data)
+    except OSError as error:
+        if error.filename is None:
+            error.filename = getattr(handle, "name", None)
+        raise
 
 
 class ShardWriter:
@@ -920,8 +930,10 @@ class _Interrupted(BaseException):
 
 @contextmanager
 def _signals_raise() -> Iterator[None]:
-    # Turn SIGTERM into an exception while writing, so the temporary folder is
-    # removed as it is on Ctrl-C (SIGINT already raises KeyboardInterrupt).
+    # Turn SIGTERM and SIGHUP (a closed terminal or ssh session) into an
+    # exception while writing, so the temporary folder is removed as it is on
+    # Ctrl-C (SIGINT already raises KeyboardInterrupt). A SIGHUP that the
+    # caller ignores (nohup) stays ignored.
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -929,23 +941,27 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum, frame):  # noqa: ARG001
         raise _Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        previous[hangup] = signal.signal(hangup, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    # Hold SIGINT and SIGTERM back while renaming or cleaning up, so a second
+    # Hold SIGINT, SIGTERM and SIGHUP back while renaming or cleaning up, so a
     # signal cannot stop half way between moving the old output aside and
     # moving the new one in. Held signals arrive when the block ends.
     # NOTE: Windows has no pthread_sigmask, so there the renames are not shielded.
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield
@@ -977,14 +993,14 @@ def atomic_output_dir(
 
     The temporary folder sits beside the target (same file system, so the final
     rename is atomic) and is named ``.<name>.lines-incomplete-*``. On any error,
-    Ctrl-C or SIGTERM it is removed and the exception propagates. An existing
+    Ctrl-C, SIGTERM or SIGHUP it is removed and the exception propagates. An existing
     output is replaced only after the new one is complete, and it is put back
     if the replacement fails.
 
     Raises:
         OutputPathError: if the output location is unsafe (``check_output_path``).
         OutputWriteError: if the destination is full, read-only or not writable.
-        KeyboardInterrupt: on Ctrl-C or SIGTERM, with ``signum`` set to the signal.
+        KeyboardInterrupt: on Ctrl-C, SIGTERM or SIGHUP, with ``signum`` set to the signal.
     """
     target = check_output_path(output, inputs, overwrite)
     try:

@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lines-hf`` and return its exit status.
 
     The status is 0 on success, 1 on an error, 2 on a usage error and 128 plus
-    the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+    the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Pushed {args.output} to {args.push_to_hub}: {commit.pr_url or commit.commit_url}")
         return status
     except KeyboardInterrupt as exc:
-        # SIGTERM arrives as a KeyboardInterrupt carrying its number; exit as shells expect (128 + signal).
+        # SIGTERM and SIGHUP arrive as a KeyboardInterrupt carrying their number; exit as shells expect (128 + signal).
         signum = getattr(exc, "signum", 2)
         print(f"lines-hf: interrupted by signal {signum}; no incomplete output folder was left behind", file=sys.stderr)
         return 128 + signum

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +160,27 @@ def _load_folder_model(
     return model.eval(), folder
 
 
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """Inside the block, hide transformers' progress bars (loading, saving) unless ``enabled``.
+
+    transformers' switch also turns huggingface_hub's bars off and on, so the
+    previous state of both is restored when the block ends.
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _check_loading_info(folder: Path, class_name: str, info: Mapping[str, Any]) -> None:
     """Raise if transformers had to invent or drop weights while loading ``folder``.
 
@@ -231,6 +253,7 @@ class LiNeSEditor:
                 ``lora_B`` factors are scaled per block; when true, return the
                 base model with the scaled delta merged in, as a plain model.
             adapter_names: LoRA adapters of a ``PeftModel`` to edit (default: all).
+            progress: show progress bars (the edit's and transformers' loading bars).
 
         Returns:
             A model of the fine-tune's class, with ``model.lines_config`` and
@@ -248,6 +271,39 @@ class LiNeSEditor:
                 "merge and adapter_names apply only to LoRA adapters (a folder with adapter_config.json or a "
                 "PeftModel); a full fine-tune is always returned as a plain model"
             )
+        with transformers_bars(progress):
+            return cls._edit(
+                finetuned,
+                base_model,
+                config,
+                revision=revision,
+                base_revision=base_revision,
+                token=token,
+                cache_dir=cache_dir,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                merge=merge,
+                adapter_names=adapter_names,
+            )
+
+    @classmethod
+    def _edit(
+        cls,
+        finetuned: Any,
+        base_model: Any,
+        config: LiNeSConfig,
+        *,
+        revision: str | None,
+        base_revision: str | None,
+        token: str | bool | None,
+        cache_dir: str | os.PathLike | None,
+        trust_remote_code: bool,
+        allow_pickle: bool,
+        progress: bool,
+        merge: bool,
+        adapter_names: list[str] | None,
+    ) -> "PreTrainedModel":
         if cls._is_adapter(finetuned):
             from . import adapters
 
@@ -348,12 +404,14 @@ class LiNeSEditor:
         *,
         overwrite: bool = False,
         max_shard_size: int | str = "5GB",
+        progress: bool = True,
     ) -> Path:
         """Save an edited model with ``lines_config.json`` and a ``README.md`` model card.
 
         The folder is written to a hidden temporary folder beside the target and
         renamed only when complete. Tokenizer and other non-weight files of the
         fine-tune's folder are copied along when the model was loaded from one.
+        ``progress=False`` hides transformers' shard-writing bar.
 
         Raises:
             ConfigError: if the model did not come from a LiNeS edit.
@@ -374,7 +432,8 @@ class LiNeSEditor:
             if source_folder is not None:
                 copy_non_weight_files(source_folder, temp)
                 finetuned_card = _read_text(Path(source_folder) / "README.md")
-            model.save_pretrained(temp, max_shard_size=max_shard_size)
+            with transformers_bars(progress):
+                model.save_pretrained(temp, max_shard_size=max_shard_size)
             _finish_folder(temp, config, record, finetuned_card)
         LOG.info("Saved the LiNeS-edited model to %s", save_directory)
         return Path(save_directory)

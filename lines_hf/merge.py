@@ -560,8 +560,17 @@ def resolve_method(method: str | MergeMethod, **params: Any) -> MergeMethod:
     return MergeMethod(name=method, **{k: v for k, v in params.items() if v is not None})
 
 
-def warn_about_inputs(keys: Sequence[Any], names: Sequence[str]) -> None:
-    """Warn when a merge has one input, or the same input twice (equal ``keys``)."""
+def warn_about_inputs(keys: Sequence[Any], names: Sequence[str], base: tuple[Any, str] | None = None) -> None:
+    """Warn when a merge has one input, the same input twice (equal ``keys``) or the base ``(key, name)`` as an input."""
+    if base is not None:
+        for key, name in zip(keys, names):
+            if key == base[0]:
+                LOG.warning(
+                    "%s is the base model (%s): its task vector is zero, so it only dilutes the merge "
+                    "(the automatic alpha divides by the number of models). Leave it out of the models to merge.",
+                    name,
+                    base[1],
+                )
     if len(keys) == 1:
         LOG.warning(
             "Merging a single model (%s). This is a LiNeS edit of that model; `lines-hf edit` "
@@ -833,7 +842,11 @@ def merge_folders(
 
     base_dir = resolve_model_dir(base_model)
     finetuned_dirs = [resolve_model_dir(folder) for folder in finetuned]
-    warn_about_inputs([os.path.realpath(d) for d in finetuned_dirs], [os.fspath(f) for f in finetuned])
+    warn_about_inputs(
+        [os.path.realpath(d) for d in finetuned_dirs],
+        [os.fspath(f) for f in finetuned],
+        base=(os.path.realpath(base_dir), os.fspath(base_model)),
+    )
     base_source = FolderSource(base_dir, allow_pickle=allow_pickle)
     sources = folder_sources(finetuned_dirs, base_source, allow_pickle=allow_pickle)
     try:

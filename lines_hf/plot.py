@@ -3,12 +3,13 @@
 ``draw_scales`` draws it in this process. ``ScalePlot`` draws it in a child
 Python process, started before a streaming edit's pass over the weights and
 collected at the end. Importing matplotlib and drawing take about 1 s, which
-then runs on another core instead of adding to the wall time. This module imports nothing heavy at the top, because the
-child runs it as ``python -m lines_hf.plot``.
+then runs on another core instead of adding to the wall time. This module
+imports nothing heavy at the top, because the child imports it.
 
 Run as a program: ``python -m lines_hf.plot OUTPUT.png RECORD_JSON``, where
 the JSON holds the record's ``stacks``, ``alpha``, ``beta`` and
-``non_block_scale``.
+``non_block_scale``. ``ScalePlot`` starts its child with ``python -I -c``
+instead, for the reason given there.
 """
 
 from __future__ import annotations
@@ -34,8 +35,17 @@ PLOT_FIELDS = ("stacks", "alpha", "beta", "non_block_scale")
 # The interpreter that runs the plot process.
 CHILD_PYTHON = sys.executable
 
-# How long ``ScalePlot.result`` waits for the child before giving up on the plot.
-CHILD_TIMEOUT_S = 300.0
+# How long ``ScalePlot.result`` waits for the child before giving up on the plot
+# (matplotlib builds its font cache on first use, which can take a while).
+CHILD_TIMEOUT_S = 120.0
+
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+# The child's program: argv is [search path as JSON, output path, record as JSON].
+_CHILD_CODE = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv.pop(1)); "
+    "from lines_hf.plot import main; sys.exit(main())"
+)
 
 _MISSING_MATPLOTLIB = (
     "matplotlib is not installed, so the model card has no scale plot. "
@@ -114,18 +124,20 @@ class ScalePlot:
             LOG.warning(_MISSING_MATPLOTLIB)
             return
         payload = json.dumps({key: record.get(key) for key in PLOT_FIELDS})
-        # The child must import this package even when it is not installed (a checkout on sys.path).
-        env = dict(os.environ)
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+        # Isolated mode (-I) keeps the working directory and PYTHON* variables
+        # out of the child's import path, so a stray lines_hf/ or matplotlib.py
+        # there is never imported. The child then gets this process's own path,
+        # less the entry '' (the working directory of `python -m` and `-c`), so
+        # it finds this lines_hf and every package this process can import.
+        entries = [str(_PACKAGE_PARENT), *(entry for entry in sys.path if entry)]
+        search_path = json.dumps([os.path.abspath(entry) for entry in entries])
         self._stderr = tempfile.TemporaryFile()
         try:
             self._process = subprocess.Popen(
-                [CHILD_PYTHON, "-m", __name__, os.fspath(self.path), payload],
+                [CHILD_PYTHON, "-I", "-c", _CHILD_CODE, search_path, os.fspath(self.path), payload],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
-                env=env,
                 start_new_session=True,
             )
         except OSError as error:
@@ -138,14 +150,17 @@ class ScalePlot:
         """Wait for the child and return the plot's path, or ``None`` when there is no plot."""
         if self._process is None:
             return self._outcome
-        process, self._process = self._process, None
         try:
-            returncode = process.wait(timeout=timeout)
+            returncode = self._process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop(process)
+            self.cancel()
             LOG.warning("drawing the scale plot took over %.0f s; the model card has no plot", timeout)
-            self._close_stderr()
             return None
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C, SIGTERM): stop the child before going on.
+            self.cancel()
+            raise
+        self._process = None
         message = self._close_stderr()
         if returncode == 0 and self.path.is_file():
             self._outcome = self.path

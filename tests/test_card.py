@@ -578,3 +578,34 @@ def test_background_plot_skipped_without_blocks(tmp_path):
     with ScalePlot(record, tmp_path / PLOT_NAME) as plot:
         assert plot.result() is None
     assert not (tmp_path / PLOT_NAME).exists()
+
+
+def test_background_plot_stopped_when_waiting_is_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C while result() waits for the child stops the child too (it has a session of its own)."""
+    plot = ScalePlot(make_record(), tmp_path / PLOT_NAME)
+    process = plot._process
+
+    def interrupted_wait(timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(process, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt), plot:
+        plot.result()
+    monkeypatch.undo()
+    assert process.wait(timeout=10) is not None
+    assert process.returncode < 0  # killed, not finished
+    assert not (tmp_path / PLOT_NAME).exists()
+
+
+def test_background_plot_ignores_modules_in_working_directory(tmp_path, monkeypatch):
+    """A lines_hf/ or matplotlib.py in the working directory never runs in the plot process."""
+    trap = tmp_path / "cwd"
+    (trap / "lines_hf").mkdir(parents=True)
+    (trap / "lines_hf" / "__init__.py").write_text("raise RuntimeError('imported from the working directory')\n")
+    (trap / "matplotlib.py").write_text("raise RuntimeError('imported from the working directory')\n")
+    monkeypatch.chdir(trap)
+    monkeypatch.setenv("PYTHONPATH", str(trap))
+    with ScalePlot(make_record(), tmp_path / PLOT_NAME) as plot:
+        path = plot.result()
+    assert path is not None
+    assert path.read_bytes()[:8] == PNG_MAGIC

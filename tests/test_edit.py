@@ -300,3 +300,52 @@ def test_debug_flag_after_command(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         cli_main(["edit", "--debug", "--base", str(tmp_path / "nope"), "--finetuned", str(tmp_path / "nope2"),
                   "--alpha", "0", "--beta", "1", "--output", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress):
+    """progress=False hides transformers' loading and saving bars too, and restores them afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    import lines_hf.editor as editor
+
+    base_dir, tuned_dir = save_pair(tmp_path, "bert")
+    seen = []
+    real_load = editor._load_folder_model
+
+    def recording_load(*args, **kwargs):
+        seen.append(transformers_logging.is_progress_bar_enabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "_load_folder_model", recording_load)
+    transformers_logging.enable_progress_bar()
+    model = LiNeSEditor.from_pretrained(tuned_dir, base_dir, alpha=0.3, beta=0.5, progress=progress)
+    assert seen == [progress, progress]
+    assert transformers_logging.is_progress_bar_enabled()
+
+    real_save = type(model).save_pretrained
+
+    def recording_save(self, *args, **kwargs):
+        seen.append(transformers_logging.is_progress_bar_enabled())
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "save_pretrained", recording_save)
+    LiNeSEditor.save_pretrained(model, tmp_path / "out", progress=progress)
+    assert seen[-1] is progress
+    assert transformers_logging.is_progress_bar_enabled()
+
+
+def test_quiet_bars_keep_a_disabled_state():
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    from lines_hf.editor import transformers_bars
+
+    transformers_logging.disable_progress_bar()
+    try:
+        with transformers_bars(False):
+            assert not transformers_logging.is_progress_bar_enabled()
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert are_progress_bars_disabled()
+    finally:
+        transformers_logging.enable_progress_bar()

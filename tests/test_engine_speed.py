@@ -149,10 +149,10 @@ def test_read_ahead_stays_within_its_slots():
     source = CountingSource()
     requests = [(source, f"t{i}", 0, 4) for i in range(10)]
     with engine.ReadAhead(requests, slots=2) as ahead:
-        held = [ahead.take(*requests[0])[0], ahead.take(*requests[1])[0]]
+        taken = [ahead.take(*requests[0])[0], ahead.take(*requests[1])[0]]
         time.sleep(0.2)  # time for the thread to read on, if it could
         assert len(source.reads) == 2
-        ahead.release(held[0])
+        ahead.release(taken[0])
         ahead.take(*requests[2])
     assert not [t for t in threading.enumerate() if t.name == "lines-hf-reader"]
 

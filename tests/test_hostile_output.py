@@ -329,7 +329,7 @@ os.execv({python!r}, [{python!r}, *sys.argv[1:]])
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_mid_write(slow_pair, tmp_path, signum):
     base_dir, tuned_dir = slow_pair
     outputs = tmp_path / "outputs"
@@ -385,7 +385,7 @@ def plot_processes(outputs):
                 command = handle.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "-m lines_hf.plot " in command and str(outputs) in command:
+        if "from lines_hf.plot import main" in command and str(outputs) in command:
             found.append(command)
     return found
 

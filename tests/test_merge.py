@@ -221,12 +221,21 @@ def test_duplicate_model_warns(tasks, tmp_path, caplog):
     assert "single model" not in caplog.text
 
 
+def test_base_as_merge_input_warns(tasks, tmp_path, caplog):
+    base_dir, tuned_dirs = tasks
+    with caplog.at_level(logging.WARNING, logger="lines_hf.merge"):
+        merge_folders([tuned_dirs[0], base_dir], base_dir, tmp_path / "merged", LiNeSConfig(alpha=0.4, beta=0.5),
+                      progress=False)
+    assert f"{base_dir} is the base model" in caplog.text
+
+
 def test_distinct_models_do_not_warn(tasks, tmp_path, caplog):
     base_dir, tuned_dirs = tasks
     with caplog.at_level(logging.WARNING, logger="lines_hf.merge"):
         merge_folders(tuned_dirs, base_dir, tmp_path / "merged", LiNeSConfig(alpha=0.4, beta=0.5), progress=False)
     assert "given twice" not in caplog.text
     assert "single model" not in caplog.text
+    assert "is the base model" not in caplog.text
 
 
 def test_dare_is_reproducible_and_chunk_independent(tasks, tmp_path):
@@ -267,7 +276,7 @@ def test_heads_saved_beside_backbone(tasks, tmp_path):
 
     loaded = transformers.AutoModel.from_pretrained(out)
     assert torch.equal(loaded.encoder.layer[0].attention.self.query.weight.detach(), merged["bert.encoder.layer.0.attention.self.query.weight"])
-    # The merged folder holds no head, so its config names the base's classes, not the first task's.
+    # Without heads in the merged folder, its config names the base's classes, not the first task's.
     base_architectures = json.loads((base_dir / "config.json").read_text())["architectures"]
     assert base_architectures == ["BertModel"]
     assert json.loads((out / "config.json").read_text()).get("architectures") == base_architectures
