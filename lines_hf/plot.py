@@ -7,7 +7,7 @@ then runs on another core instead of adding to the wall time. This module
 imports nothing heavy at the top, because the child imports it.
 
 Run as a program: ``python -m lines_hf.plot OUTPUT.png RECORD_JSON``, where
-the JSON holds the record's ``stacks``, ``alpha``, ``beta`` and
+the JSON has the record's ``stacks``, ``alpha``, ``beta`` and
 ``non_block_scale``. ``ScalePlot`` starts its child with ``python -I -c``
 instead, for the reason given there.
 """
@@ -118,11 +118,13 @@ class ScalePlot:
         self._process: subprocess.Popen | None = None
         self._stderr = None
         self._outcome: Path | None = None
+
         if not has_blocks(record):
             return
         if importlib.util.find_spec("matplotlib") is None:
             LOG.warning(_MISSING_MATPLOTLIB)
             return
+
         payload = json.dumps({key: record.get(key) for key in PLOT_FIELDS})
         # Isolated mode (-I) keeps the working directory and PYTHON* variables
         # out of the child's import path, so a stray lines_hf/ or matplotlib.py
