@@ -302,8 +302,31 @@ def test_debug_flag_after_command(tmp_path):
                   "--alpha", "0", "--beta", "1", "--output", str(tmp_path / "out")])
 
 
+@pytest.fixture
+def transformers_bars_on(monkeypatch):
+    """Turn transformers' progress bars on for one test, then put the previous state back."""
+    import importlib
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    # The test session disables the bars through this variable, which would veto enabling them.
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    hub_disabled = are_progress_bars_disabled()
+    transformers_logging.enable_progress_bar()
+    yield
+    if not was_enabled:
+        transformers_logging.disable_progress_bar()
+    if hub_disabled:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 @pytest.mark.parametrize("progress", [False, True])
-def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress):
+def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress, transformers_bars_on):
     """progress=False hides transformers' loading and saving bars too, and restores them afterwards."""
     from transformers.utils import logging as transformers_logging
 
@@ -318,7 +341,6 @@ def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(editor, "_load_folder_model", recording_load)
-    transformers_logging.enable_progress_bar()
     model = LiNeSEditor.from_pretrained(tuned_dir, base_dir, alpha=0.3, beta=0.5, progress=progress)
     assert seen == [progress, progress]
     assert transformers_logging.is_progress_bar_enabled()
@@ -335,17 +357,14 @@ def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress
     assert transformers_logging.is_progress_bar_enabled()
 
 
-def test_quiet_bars_keep_a_disabled_state():
+def test_quiet_bars_keep_a_disabled_state(transformers_bars_on):
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as transformers_logging
 
     from lines_hf.editor import transformers_bars
 
     transformers_logging.disable_progress_bar()
-    try:
-        with transformers_bars(False):
-            assert not transformers_logging.is_progress_bar_enabled()
+    with transformers_bars(False):
         assert not transformers_logging.is_progress_bar_enabled()
-        assert are_progress_bars_disabled()
-    finally:
-        transformers_logging.enable_progress_bar()
+    assert not transformers_logging.is_progress_bar_enabled()
+    assert are_progress_bars_disabled()
