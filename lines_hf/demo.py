@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .selection import DEFAULT_GAMMA_GRID, GridSearchResult
-from .tasks import FinetuneSettings
+from .tasks import MINILM_HUB_ID, FinetuneSettings
 
 if TYPE_CHECKING:
     import datasets
@@ -94,6 +94,15 @@ class DemoResult:
             "finetuned_dir": str(self.finetuned_dir),
             "output_dir": str(self.output_dir),
         }
+
+
+def name_bundled_base(record: dict[str, Any]) -> None:
+    """Name the Hub repository of the bundled all-MiniLM-L6-v2 as the base model of ``record``.
+
+    The package ships the weights of that repository, so the model card links
+    it as the base model instead of a path inside site-packages.
+    """
+    record["inputs"]["base_model"]["hub_id"] = MINILM_HUB_ID
 
 
 def load_demo_tasks(settings: DemoSettings) -> dict[str, "datasets.DatasetDict"]:
@@ -215,6 +224,8 @@ def run_demo(
     edited = LiNeSEditor.from_pretrained(
         str(finetuned_dir), base_model=str(base_dir), config=LiNeSConfig(gamma=gamma), progress=False
     )
+    if not settings.base_model:
+        name_bundled_base(edited.lines_record)
 
     rows = score_models(
         tokenizer,

