@@ -621,8 +621,8 @@ def write_model_card(
             ``README.md`` already in ``folder`` (copied from the fine-tune) is
             used, unless it is a LiNeS card. A card that is only the unfilled
             template PEFT writes is skipped in either case.
-        plot: a ``ScalePlot`` started earlier into ``folder``; the card links
-            what it produced. When ``None``, the plot is drawn here.
+        plot: a ``ScalePlot`` started earlier into ``folder``, whose result the
+            card links. When ``None``, the plot is drawn here.
 
     Returns:
         The path of ``README.md``.

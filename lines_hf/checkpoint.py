@@ -708,7 +708,7 @@ class _WriteThread:
 
 
 def _write_naming_file(handle, data: memoryview) -> None:
-    """Write ``data`` to ``handle``; a failure names the file, as ``open`` errors do."""
+    """Write ``data`` to ``handle``, and name the file in the error if the write fails."""
     try:
         handle.write(data)
     except OSError as error:
@@ -831,7 +831,7 @@ class ShardWriter:
         return files
 
     def abort(self) -> None:
-        """Stop writing and close the open shard; the caller removes the folder."""
+        """Stop writing and close every shard. The caller removes the folder."""
         self._io.cancel()
         for handle in self._opened:
             handle.close()
@@ -930,10 +930,8 @@ class _Interrupted(BaseException):
 
 @contextmanager
 def _signals_raise() -> Iterator[None]:
-    # Turn SIGTERM and SIGHUP (a closed terminal or ssh session) into an
-    # exception while writing, so the temporary folder is removed as it is on
-    # Ctrl-C (SIGINT already raises KeyboardInterrupt). A SIGHUP that the
-    # caller ignores (nohup) stays ignored.
+    # Turn SIGTERM and SIGHUP (a closed terminal) into an exception while writing, so
+    # the temporary folder is removed as on Ctrl-C. A SIGHUP ignored by nohup stays ignored.
     if threading.current_thread() is not threading.main_thread():
         yield
         return

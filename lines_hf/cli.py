@@ -325,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     if getattr(args, "no_progress", False):
-        # transformers copies this switch when it is imported, and has its own
-        # when it is imported already: both silence its weight-loading bars.
+        # transformers copies this switch when it is imported. An already imported
+        # transformers has its own switch, so that one is turned off too.
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Pushed {args.output} to {args.push_to_hub}: {commit.pr_url or commit.commit_url}")
         return status
     except KeyboardInterrupt as exc:
-        # SIGTERM and SIGHUP arrive as a KeyboardInterrupt carrying their number; exit as shells expect (128 + signal).
+        # SIGTERM and SIGHUP arrive as a KeyboardInterrupt carrying their number. Exit as shells expect (128 + signal).
         signum = getattr(exc, "signum", 2)
         print(f"lines-hf: interrupted by signal {signum}; no incomplete output folder was left behind", file=sys.stderr)
         return 128 + signum

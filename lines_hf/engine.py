@@ -29,7 +29,7 @@ LOG = logging.getLogger(__name__)
 # with 4Mi-element ones.
 DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
 
-# Workspace buffers of the edit producer; apply_scale uses 0, 1 and 4.
+# Workspace buffers of the edit producer. apply_scale uses buffers 0, 1 and 4.
 _TUNED_BUFFER = 2
 _BASE_BUFFER = 3
 
@@ -160,7 +160,7 @@ class ReadAhead:
         expected = self._requests[self._position]
         if expected != (source, name, start, count):
             raise RuntimeError(
-                f"read-ahead out of step: asked for {name!r} [{start}, +{count}), planned {expected[1]!r} "
+                f"read-ahead out of step: requested {name!r} [{start}, +{count}), planned {expected[1]!r} "
                 f"[{expected[2]}, +{expected[3]})"
             )
         self._position += 1
@@ -189,9 +189,9 @@ def edit_producer(base, finetuned, *, allow_non_finite: bool = False) -> ChunkPr
     ``base`` and ``finetuned`` are ``TensorSource`` objects. Tensors with a scale
     get ``base + scale * (finetuned - base)``; tensors without one are copied
     from the fine-tune. Inputs and results live in buffers reused from chunk
-    to chunk, so a returned chunk is valid only until the next call; every sink
-    copies or writes it at once. Inside ``stream`` the inputs are read one
-    chunk ahead by a ``ReadAhead`` thread.
+    to chunk, so a returned chunk is valid only until the next call, and every
+    sink copies or writes it at once. Inside ``stream`` a ``ReadAhead`` thread
+    reads the inputs one chunk ahead.
     """
     return _EditProducer(base, finetuned, allow_non_finite)
 
@@ -232,8 +232,8 @@ class _EditProducer:
         return data
 
     def __call__(self, action: TensorAction, start: int, count: int) -> torch.Tensor:
-        # The previous chunk's inputs may back its result (a copied tensor), which
-        # the sink has consumed by now: only then go their slots back to the pool.
+        # A copied tensor's result is its input buffer itself. The sink has consumed
+        # the previous chunk by now, so its slots can go back to the pool.
         if self.read_ahead is not None:
             for slot in self.previous_slots:
                 self.read_ahead.release(slot)

@@ -29,7 +29,7 @@ LOG = logging.getLogger(__name__)
 
 PLOT_NAME = "lines_scales.png"
 
-# The record fields the plot reads; the child gets only these.
+# The record fields that the plot reads. The child gets only these.
 PLOT_FIELDS = ("stacks", "alpha", "beta", "non_block_scale")
 
 # The interpreter that runs the plot process.
@@ -37,6 +37,7 @@ CHILD_PYTHON = sys.executable
 
 # How long ``ScalePlot.result`` waits for the child before giving up on the plot
 # (matplotlib builds its font cache on first use, which can take a while).
+# NOTE: 120 s is an estimate, not measured against a cold font cache on a slow disk.
 CHILD_TIMEOUT_S = 120.0
 
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -126,11 +127,10 @@ class ScalePlot:
             return
 
         payload = json.dumps({key: record.get(key) for key in PLOT_FIELDS})
-        # Isolated mode (-I) keeps the working directory and PYTHON* variables
-        # out of the child's import path, so a stray lines_hf/ or matplotlib.py
-        # there is never imported. The child then gets this process's own path,
-        # less the entry '' (the working directory of `python -m` and `-c`), so
-        # it finds this lines_hf and every package this process can import.
+        # Isolated mode (-I) keeps the working directory and PYTHON* variables off the
+        # child's import path, so a stray lines_hf/ or matplotlib.py there never runs.
+        # The child gets this process's path instead, without the working-directory
+        # entry '', so it imports this lines_hf and the packages this process can.
         entries = [str(_PACKAGE_PARENT), *(entry for entry in sys.path if entry)]
         search_path = json.dumps([os.path.abspath(entry) for entry in entries])
         self._stderr = tempfile.TemporaryFile()

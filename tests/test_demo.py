@@ -119,7 +119,7 @@ def test_main_rejects_target_as_control(capsys):
     assert "cannot also be a control" in capsys.readouterr().err
 
 
-def test_bundled_base_is_named_by_its_hub_id(tmp_path):
+def test_bundled_base_named_by_hub_id(tmp_path):
     """The card of the demo's edit names the Hub repository of the bundled weights, not a site-packages path."""
     from huggingface_hub import ModelCard
 

@@ -357,7 +357,7 @@ def test_progress_flag_reaches_transformers_bars(tmp_path, monkeypatch, progress
     assert transformers_logging.is_progress_bar_enabled()
 
 
-def test_quiet_bars_keep_a_disabled_state(transformers_bars_on):
+def test_quiet_bars_keep_disabled_state(transformers_bars_on):
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as transformers_logging
 

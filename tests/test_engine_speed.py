@@ -149,10 +149,10 @@ def test_read_ahead_stays_within_its_slots():
     source = CountingSource()
     requests = [(source, f"t{i}", 0, 4) for i in range(10)]
     with engine.ReadAhead(requests, slots=2) as ahead:
-        taken = [ahead.take(*requests[0])[0], ahead.take(*requests[1])[0]]
-        time.sleep(0.2)  # time for the thread to read on, if it could
+        first_slots = [ahead.take(*requests[0])[0], ahead.take(*requests[1])[0]]
+        time.sleep(0.2)  # gives the thread time to read further, if it could
         assert len(source.reads) == 2
-        ahead.release(taken[0])
+        ahead.release(first_slots[0])
         ahead.take(*requests[2])
     assert not [t for t in threading.enumerate() if t.name == "lines-hf-reader"]
 
@@ -168,15 +168,15 @@ def test_read_ahead_raises_at_the_failing_read():
     assert [name for name, _, _ in source.reads] == ["t0", "t1", "t2", "t3"]
 
 
-def test_read_ahead_refuses_a_read_out_of_step():
+def test_read_ahead_rejects_out_of_step():
     source = CountingSource()
     requests = [(source, "a", 0, 4), (source, "b", 0, 4)]
     with engine.ReadAhead(requests) as ahead, pytest.raises(RuntimeError, match="out of step"):
         ahead.take(source, "b", 0, 4)
 
 
-def test_stream_reads_ahead_and_gives_the_same_bits():
-    """The edit producer reads ahead inside stream; the result equals a producer called directly."""
+def test_stream_read_ahead_same_bits():
+    """The edit producer reads ahead inside stream, and the result equals a producer called directly."""
     from lines_hf.plan import TensorAction
 
     generator = torch.Generator().manual_seed(11)

@@ -119,7 +119,7 @@ class FillingFile:
 
 
 def test_disk_full_in_the_writer_thread(pair, monkeypatch):
-    """Shard data is written by a background thread; its failure still reaches the caller and cleans up."""
+    """A failure in the background writer thread still reaches the caller, and the output is cleaned up."""
     import lines_hf.checkpoint as checkpoint
 
     base_dir, tuned_dir, outputs = pair
@@ -367,7 +367,7 @@ def test_signal_mid_write(slow_pair, tmp_path, signum):
     assert f"interrupted by signal {int(signum)}" in err
     assert "Traceback" not in err
     assert output_entries(outputs) == []
-    # The card's plot is drawn by a grandchild in a session of its own; the edit stops it on the way out.
+    # The card's plot is drawn by a grandchild in a session of its own, so the edit must stop it itself.
     assert plot_processes(outputs) == []
     guard.check()
 

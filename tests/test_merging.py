@@ -182,7 +182,7 @@ def test_merge_method_params_and_grids():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kth_with_scratch_leaves_input_alone(dtype):
+def test_kth_scratch_keeps_input(dtype):
     values = (torch.randn(50_001, generator=torch.Generator().manual_seed(3)) * 1e-2).to(dtype)
     before = values.clone()
     rank = threshold_rank(values.numel(), 0.2)
